@@ -1,0 +1,80 @@
+//! The one wiring point: builds the registry and collectors from the settings, binds the
+//! listeners, spawns every task, and drains them on shutdown.
+//!
+//! Uses everything; nothing uses it. `anyhow` is allowed here and in `main.rs` only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::collect::host::HostCollector;
+use crate::collect::{self, Schedule};
+use crate::http::{self, AppState};
+use crate::registry::Registry;
+use crate::settings::Settings;
+use crate::shutdown::{self, Signals};
+
+/// How long requests in flight and collectors get to finish after SIGTERM. Service managers
+/// wait 10 s (systemd 90 s) before SIGKILL; 5 s leaves a margin under both.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the exporter until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let registry = Arc::new(
+        Registry::new(settings.config.history_retention).context("building the registry")?,
+    );
+    let listeners = http::bind(&settings.listen).await?;
+    let (trigger, shutdown) = shutdown::channel();
+
+    let mut tasks = Vec::new();
+    if let Some(host) = settings.config.host.clone() {
+        let schedule = Schedule {
+            interval: host.interval,
+            timeout: host.timeout,
+        };
+        let collector = HostCollector::new(host).context("starting the host collector")?;
+        registry.expect_collectors(&["host"]);
+        tasks.push(collect::spawn(
+            collector,
+            schedule,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let router = http::router(AppState {
+        registry: registry.clone(),
+        telemetry_path: settings.telemetry_path.clone(),
+        started,
+    });
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, telemetry_path = %settings.telemetry_path, "listening");
+        }
+    }
+    let server = tokio::spawn(http::serve(
+        listeners,
+        router,
+        shutdown.clone(),
+        SHUTDOWN_GRACE,
+    ));
+
+    let reason = signals.next_stop().await;
+    tracing::info!(signal = ?reason, "shutting down");
+    trigger.trigger();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = server.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("tasks still running after the grace period; exiting anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The binary edge: parses the command line, sets up logging, runs the exporter or a one-off
+//! command, and turns the outcome into an exit code (0 success, 1 failure, 2 usage error).
+//!
+//! Uses `settings` and `app`; `anyhow` is allowed here and in `app.rs` only.
+
+use std::process::ExitCode;
+
+use autotuner::settings::{CheckCommand, Cli, Command, Config, LogFormat, RunFlags, Settings};
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check {
+            what: CheckCommand::Config { files },
+        }) => check_config(&files),
+        None => run(&cli.run),
+    }
+}
+
+/// `autotuner check config FILE...`, in the promtool style: one line per file, every error.
+fn check_config(files: &[std::path::PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match Config::load(file) {
+            Ok(_) => println!("{}: OK", file.display()),
+            Err(err) => {
+                failed = true;
+                eprintln!("{err}");
+                eprintln!("{}: FAILED", file.display());
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run(flags: &RunFlags) -> ExitCode {
+    init_logging(flags);
+    let settings = match Settings::from_flags(flags) {
+        Ok(s) => s,
+        Err(err) => {
+            // Every line of a multi-error message is kept: operators fix them all at once.
+            for line in err.to_string().lines() {
+                tracing::error!("{line}");
+            }
+            tracing::error!("invalid settings; not starting");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // Two workers are plenty for scrapes and collectors, and keep our footprint small on
+        // the database host we share.
+        .worker_threads(2)
+        .thread_name("autotuner")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!(error = %err, "starting the async runtime failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        revision = env!("AUTOTUNER_REVISION"),
+        "starting autotuner"
+    );
+    match runtime.block_on(autotuner::app::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "autotuner failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to standard error, so standard output stays clean for commands that print results.
+fn init_logging(flags: &RunFlags) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(flags.log_level.as_filter()));
+    let registry = tracing_subscriber::registry().with(filter);
+    match flags.log_format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Logfmt => registry
+            .with(
+                tracing_logfmt::builder()
+                    .layer()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+}

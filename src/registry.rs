@@ -1,0 +1,604 @@
+//! The registry: the latest snapshot of every collector, a bounded history of every series, the
+//! exporter's own metrics, and the text exposition served on `/metrics`.
+//!
+//! Owns what has been measured. Collectors write it (`publish`, `record_attempt`); `/metrics`,
+//! the landing page and (later) the rule engine read it. Uses `sample` and the `prometheus`
+//! crate only.
+//!
+//! Collection is decoupled from scraping: `publish` re-encodes the exposition body once per
+//! collection, so a scrape copies a prepared buffer and encodes only the few self-metrics. A slow
+//! or dead target can never slow `/metrics`, and concurrent scrapes never contend with
+//! collection for more than a pointer swap.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use prometheus::core::Collector as _;
+use prometheus::proto;
+use prometheus::{Gauge, GaugeVec, IntCounterVec, Opts};
+
+use crate::sample::{Family, Labels, MetricKind};
+
+/// Prometheus's staleness marker: a NaN with this exact bit pattern means "the series ended
+/// here". Stored in the history when a series disappears from its collector's snapshot, so range
+/// reads can tell "stopped" from "still going".
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// True when `v` is the staleness marker (and not an ordinary NaN).
+pub fn is_stale_marker(v: f64) -> bool {
+    v.to_bits() == STALE_NAN_BITS
+}
+
+/// One stored value of a series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    /// Milliseconds since the Unix epoch.
+    pub t_ms: i64,
+    /// The value (may be the staleness marker).
+    pub v: f64,
+}
+
+/// The content type of the text exposition format we serve.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Errors building the registry's own metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A self-metric could not be created or registered (a bug: names are constants).
+    #[error("registering the exporter's own metrics: {0}")]
+    SelfMetrics(#[from] prometheus::Error),
+}
+
+/// What one collection attempt came to, for the self-metrics and the landing page.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// How long it took.
+    pub duration: Duration,
+    /// When it finished, in milliseconds since the Unix epoch.
+    pub finished_ms: i64,
+    /// `None` when it succeeded, else why it failed (already free of secrets).
+    pub error: Option<String>,
+}
+
+/// A collector's state as the landing page and the status API show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CollectorStatus {
+    /// The collector's name.
+    pub name: String,
+    /// Whether its last attempt succeeded.
+    pub up: bool,
+    /// How many attempts it has made.
+    pub attempts: u64,
+    /// How many of them failed.
+    pub failures: u64,
+    /// When it last succeeded, in milliseconds since the Unix epoch.
+    pub last_success_ms: Option<i64>,
+    /// How long its last attempt took, in seconds.
+    pub last_duration_seconds: f64,
+    /// Why its last attempt failed, when it did.
+    pub last_error: Option<String>,
+    /// How many samples its latest snapshot holds.
+    pub samples: usize,
+}
+
+/// Latest snapshots, history and the prepared exposition.
+pub struct Registry {
+    /// Latest families of each collector, by collector name.
+    latest: RwLock<BTreeMap<String, Arc<Vec<Family>>>>,
+    /// The encoded exposition of every collector's latest snapshot, rebuilt on publish.
+    body: RwLock<Arc<String>>,
+    /// Per-collector bookkeeping for status and readiness.
+    status: RwLock<BTreeMap<String, CollectorStatus>>,
+    /// Collectors that must have made one attempt before we call ourselves ready.
+    expected: RwLock<Vec<String>>,
+    history: Mutex<History>,
+    own: SelfMetrics,
+}
+
+impl Registry {
+    /// A registry keeping `retention` of history for every series.
+    pub fn new(retention: Duration) -> Result<Self, RegistryError> {
+        Ok(Registry {
+            latest: RwLock::new(BTreeMap::new()),
+            body: RwLock::new(Arc::new(String::new())),
+            status: RwLock::new(BTreeMap::new()),
+            expected: RwLock::new(Vec::new()),
+            history: Mutex::new(History::new(retention)),
+            own: SelfMetrics::new()?,
+        })
+    }
+
+    /// Declares the collectors that will run, so readiness can wait for their first round and
+    /// the landing page can list them before they report.
+    pub fn expect_collectors(&self, names: &[&str]) {
+        let mut expected = write(&self.expected);
+        let mut status = write(&self.status);
+        for name in names {
+            expected.push((*name).to_owned());
+            status
+                .entry((*name).to_owned())
+                .or_insert_with(|| CollectorStatus {
+                    name: (*name).to_owned(),
+                    ..CollectorStatus::default()
+                });
+        }
+    }
+
+    /// Ready once every expected collector has made its first attempt (successful or not: a
+    /// target being down is what `*_up` says, not a reason to be unready).
+    pub fn is_ready(&self) -> bool {
+        let status = read(&self.status);
+        read(&self.expected)
+            .iter()
+            .all(|name| status.get(name).is_some_and(|s| s.attempts > 0))
+    }
+
+    /// Replaces `collector`'s latest families, appends them to the history, and re-encodes the
+    /// exposition. Series that the collector published before and not now are marked stale.
+    pub fn publish(&self, collector: &str, families: Vec<Family>, at_ms: i64) {
+        let families = Arc::new(families);
+        {
+            let mut history = lock(&self.history);
+            history.append(collector, &families, at_ms);
+            self.own.history_series.set(history.series.len() as f64);
+            self.own.history_points.set(history.points as f64);
+        }
+        let samples = families.iter().map(|f| f.samples.len()).sum();
+        let snapshot: Vec<Arc<Vec<Family>>> = {
+            let mut latest = write(&self.latest);
+            latest.insert(collector.to_owned(), families);
+            latest.values().cloned().collect()
+        };
+        let body = encode_merged(&snapshot);
+        *write(&self.body) = Arc::new(body);
+        if let Some(s) = write(&self.status).get_mut(collector) {
+            s.samples = samples;
+        }
+    }
+
+    /// Records one collection attempt in the self-metrics and the status.
+    pub fn record_attempt(&self, collector: &str, attempt: &Attempt) {
+        let ok = attempt.error.is_none();
+        let labels = [collector];
+        self.own
+            .collector_up
+            .with_label_values(&labels)
+            .set(if ok { 1.0 } else { 0.0 });
+        self.own
+            .collector_duration
+            .with_label_values(&labels)
+            .set(attempt.duration.as_secs_f64());
+        if ok {
+            self.own
+                .collector_last_success
+                .with_label_values(&labels)
+                .set(attempt.finished_ms as f64 / 1000.0);
+        } else {
+            self.own.collector_failures.with_label_values(&labels).inc();
+        }
+        let mut status = write(&self.status);
+        let s = status
+            .entry(collector.to_owned())
+            .or_insert_with(|| CollectorStatus {
+                name: collector.to_owned(),
+                ..CollectorStatus::default()
+            });
+        s.up = ok;
+        s.attempts += 1;
+        s.last_duration_seconds = attempt.duration.as_secs_f64();
+        if ok {
+            s.last_success_ms = Some(attempt.finished_ms);
+            s.last_error = None;
+        } else {
+            s.failures += 1;
+            s.last_error = attempt.error.clone();
+        }
+    }
+
+    /// The status of every known collector, by name.
+    pub fn collectors(&self) -> Vec<CollectorStatus> {
+        read(&self.status).values().cloned().collect()
+    }
+
+    /// The whole exposition: every collector's latest snapshot, then the exporter's own metrics.
+    pub fn render(&self) -> String {
+        let body = read(&self.body).clone();
+        let mut out = String::with_capacity(body.len() + 4096);
+        out.push_str(&body);
+        let own = self.own.registry.gather();
+        // Appending to a String cannot fail; an error would only mean an empty family, which
+        // `gather` never returns.
+        if let Err(err) = prometheus::TextEncoder::new().encode_utf8(&own, &mut out) {
+            tracing::warn!(error = %err, "encoding the exporter's own metrics failed");
+        }
+        out
+    }
+
+    /// The stored points of every series named `name` with a point in `[start_ms, end_ms]`.
+    pub fn range(&self, name: &str, start_ms: i64, end_ms: i64) -> Vec<(Labels, Vec<Point>)> {
+        let history = lock(&self.history);
+        let Some(by_labels) = history.by_name.get(name) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(Labels, Vec<Point>)> = by_labels
+            .iter()
+            .filter_map(|labels| {
+                let points = history.series.get(&(name.to_owned(), labels.clone()))?;
+                let selected: Vec<Point> = points
+                    .iter()
+                    .filter(|p| p.t_ms >= start_ms && p.t_ms <= end_ms)
+                    .copied()
+                    .collect();
+                (!selected.is_empty()).then(|| (labels.clone(), selected))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Series and points held in the history (also published as self-metrics).
+    pub fn history_size(&self) -> (usize, usize) {
+        let history = lock(&self.history);
+        (history.series.len(), history.points)
+    }
+}
+
+/// Encodes the union of several collectors' families. A family name appearing in two collectors
+/// is written once, with all its samples, because the format forbids repeating a family; a
+/// label set seen twice keeps its first value.
+fn encode_merged(snapshots: &[Arc<Vec<Family>>]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut merged: HashMap<&str, (proto::MetricFamily, HashSet<&Labels>)> = HashMap::new();
+    for families in snapshots {
+        for family in families.iter() {
+            if family.samples.is_empty() {
+                continue;
+            }
+            let (mf, seen) = merged.entry(family.name.as_str()).or_insert_with(|| {
+                order.push(family.name.as_str());
+                let mut mf = proto::MetricFamily::default();
+                mf.set_name(family.name.clone());
+                mf.set_help(family.help.clone());
+                mf.set_field_type(match family.kind {
+                    MetricKind::Gauge => proto::MetricType::GAUGE,
+                    MetricKind::Counter => proto::MetricType::COUNTER,
+                });
+                (mf, HashSet::new())
+            });
+            for sample in &family.samples {
+                if !seen.insert(&sample.labels) {
+                    continue;
+                }
+                let mut metric = proto::Metric::default();
+                metric.set_label(
+                    sample
+                        .labels
+                        .iter()
+                        .map(|(k, v)| {
+                            let mut pair = proto::LabelPair::default();
+                            pair.set_name(k.to_owned());
+                            pair.set_value(v.to_owned());
+                            pair
+                        })
+                        .collect(),
+                );
+                match family.kind {
+                    MetricKind::Gauge => {
+                        let mut g = proto::Gauge::default();
+                        g.set_value(sample.value);
+                        metric.set_gauge(g);
+                    }
+                    MetricKind::Counter => {
+                        let mut c = proto::Counter::default();
+                        c.set_value(sample.value);
+                        metric.set_counter(c);
+                    }
+                }
+                mf.mut_metric().push(metric);
+            }
+        }
+    }
+    let families: Vec<proto::MetricFamily> = order
+        .iter()
+        .filter_map(|name| merged.remove(name).map(|(mf, _)| mf))
+        .collect();
+    let mut out = String::new();
+    if let Err(err) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::warn!(error = %err, "encoding collected metrics failed");
+    }
+    out
+}
+
+/// Bounded history: for each series, its points within the retention.
+struct History {
+    retention_ms: i64,
+    series: HashMap<(String, Labels), VecDeque<Point>>,
+    /// Label sets of each metric name, for selecting by name.
+    by_name: HashMap<String, HashSet<Labels>>,
+    /// The series each collector published last time, to mark the ones it stops publishing.
+    by_collector: HashMap<String, HashSet<(String, Labels)>>,
+    /// Total points held, kept up to date to publish it without a walk.
+    points: usize,
+}
+
+impl History {
+    fn new(retention: Duration) -> Self {
+        History {
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            series: HashMap::new(),
+            by_name: HashMap::new(),
+            by_collector: HashMap::new(),
+            points: 0,
+        }
+    }
+
+    fn append(&mut self, collector: &str, families: &[Family], at_ms: i64) {
+        let mut now_present: HashSet<(String, Labels)> = HashSet::new();
+        for family in families {
+            for sample in &family.samples {
+                let key = (family.name.clone(), sample.labels.clone());
+                self.push(
+                    &key,
+                    Point {
+                        t_ms: at_ms,
+                        v: sample.value,
+                    },
+                );
+                now_present.insert(key);
+            }
+        }
+        let before = self
+            .by_collector
+            .insert(collector.to_owned(), now_present.clone())
+            .unwrap_or_default();
+        for gone in before.difference(&now_present) {
+            self.push(
+                gone,
+                Point {
+                    t_ms: at_ms,
+                    v: f64::from_bits(STALE_NAN_BITS),
+                },
+            );
+        }
+        self.prune(at_ms);
+    }
+
+    fn push(&mut self, key: &(String, Labels), point: Point) {
+        let points = self.series.entry(key.clone()).or_insert_with(|| {
+            self.by_name
+                .entry(key.0.clone())
+                .or_default()
+                .insert(key.1.clone());
+            VecDeque::new()
+        });
+        // Time only moves forward within a series; an older point would break range reads.
+        if points.back().is_some_and(|last| last.t_ms >= point.t_ms) {
+            return;
+        }
+        points.push_back(point);
+        self.points += 1;
+    }
+
+    /// Drops points older than the retention, and series left with none.
+    fn prune(&mut self, now_ms: i64) {
+        let cutoff = now_ms.saturating_sub(self.retention_ms);
+        let mut emptied = Vec::new();
+        for (key, points) in &mut self.series {
+            while points.front().is_some_and(|p| p.t_ms < cutoff) {
+                points.pop_front();
+                self.points -= 1;
+            }
+            if points.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.series.remove(&key);
+            if let Some(set) = self.by_name.get_mut(&key.0) {
+                set.remove(&key.1);
+                if set.is_empty() {
+                    self.by_name.remove(&key.0);
+                }
+            }
+        }
+    }
+}
+
+/// The exporter's own metrics, encoded live at each scrape.
+struct SelfMetrics {
+    registry: prometheus::Registry,
+    collector_up: GaugeVec,
+    collector_duration: GaugeVec,
+    collector_last_success: GaugeVec,
+    collector_failures: IntCounterVec,
+    history_series: Gauge,
+    history_points: Gauge,
+}
+
+impl SelfMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        let registry = prometheus::Registry::new();
+        let build_info = GaugeVec::new(
+            Opts::new(
+                "autotuner_build_info",
+                "A metric with a constant '1' value labelled by version, revision and rustc version of the build.",
+            ),
+            &["version", "revision", "rustversion"],
+        )?;
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                env!("AUTOTUNER_REVISION"),
+                env!("AUTOTUNER_RUSTC_VERSION"),
+            ])
+            .set(1.0);
+        let collector_up = GaugeVec::new(
+            Opts::new(
+                "autotuner_collector_up",
+                "Whether the collector's last run succeeded (1) or failed or timed out (0).",
+            ),
+            &["collector"],
+        )?;
+        let collector_duration = GaugeVec::new(
+            Opts::new(
+                "autotuner_collector_duration_seconds",
+                "How long the collector's last run took.",
+            ),
+            &["collector"],
+        )?;
+        let collector_last_success = GaugeVec::new(
+            Opts::new(
+                "autotuner_collector_last_success_timestamp_seconds",
+                "When the collector last succeeded, in seconds since the Unix epoch.",
+            ),
+            &["collector"],
+        )?;
+        let collector_failures = IntCounterVec::new(
+            Opts::new(
+                "autotuner_collector_failures_total",
+                "Collector runs that failed or timed out.",
+            ),
+            &["collector"],
+        )?;
+        let history_series = Gauge::new(
+            "autotuner_history_series",
+            "Series held in the in-memory history that rules read.",
+        )?;
+        let history_points = Gauge::new(
+            "autotuner_history_points",
+            "Points held in the in-memory history that rules read.",
+        )?;
+        registry.register(Box::new(build_info))?;
+        registry.register(Box::new(collector_up.clone()))?;
+        registry.register(Box::new(collector_duration.clone()))?;
+        registry.register(Box::new(collector_last_success.clone()))?;
+        registry.register(Box::new(collector_failures.clone()))?;
+        registry.register(Box::new(history_series.clone()))?;
+        registry.register(Box::new(history_points.clone()))?;
+        // The process collector exists only on Linux; elsewhere it has nothing to report.
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        if !process.desc().is_empty() {
+            registry.register(Box::new(process))?;
+        }
+        Ok(SelfMetrics {
+            registry,
+            collector_up,
+            collector_duration,
+            collector_last_success,
+            collector_failures,
+            history_series,
+            history_points,
+        })
+    }
+}
+
+// A panic while holding one of these locks is a bug elsewhere; the data behind them stays
+// consistent between statements, so serving it is better than refusing every later scrape.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::Families;
+
+    fn fams(values: &[(&str, &str, f64)]) -> Vec<Family> {
+        let mut f = Families::new();
+        for (name, dev, v) in values {
+            f.gauge(name, "help", &[("device", dev)], *v);
+        }
+        f.into_vec()
+    }
+
+    #[test]
+    fn render_merges_families_shared_by_collectors() {
+        let r = Registry::new(Duration::from_secs(600)).unwrap();
+        r.publish("a", fams(&[("m", "x", 1.0)]), 1_000);
+        r.publish("b", fams(&[("m", "y", 2.0), ("m", "x", 9.0)]), 1_000);
+        let text = r.render();
+        assert_eq!(text.matches("# TYPE m gauge").count(), 1, "{text}");
+        assert!(text.contains("m{device=\"x\"} 1\n"), "{text}");
+        assert!(text.contains("m{device=\"y\"} 2\n"), "{text}");
+        assert!(!text.contains("m{device=\"x\"} 9"), "{text}");
+        assert!(text.contains("autotuner_build_info{"), "{text}");
+    }
+
+    #[test]
+    fn history_is_bounded_by_retention() {
+        let r = Registry::new(Duration::from_secs(10)).unwrap();
+        for i in 0..100 {
+            r.publish("a", fams(&[("m", "x", i as f64)]), i * 1_000);
+        }
+        // Points from 89 s to 99 s inclusive survive.
+        let got = r.range("m", 0, 1_000_000);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.len(), 11);
+        assert_eq!(got[0].1[0].v, 89.0);
+        assert_eq!(r.history_size(), (1, 11));
+    }
+
+    #[test]
+    fn vanished_series_get_a_stale_marker_then_expire() {
+        let r = Registry::new(Duration::from_secs(10)).unwrap();
+        r.publish("a", fams(&[("m", "x", 1.0), ("m", "y", 1.0)]), 1_000);
+        r.publish("a", fams(&[("m", "x", 2.0)]), 2_000);
+        let got = r.range("m", 0, 10_000);
+        let y = &got
+            .iter()
+            .find(|(l, _)| l.get("device") == Some("y"))
+            .unwrap()
+            .1;
+        assert_eq!(y.len(), 2);
+        assert!(is_stale_marker(y[1].v));
+        // Not marked twice, and gone after the retention.
+        r.publish("a", fams(&[("m", "x", 3.0)]), 3_000);
+        r.publish("a", fams(&[("m", "x", 4.0)]), 20_000);
+        let got = r.range("m", 0, 100_000);
+        assert_eq!(got.len(), 1);
+        assert_eq!(r.history_size(), (1, 1));
+    }
+
+    #[test]
+    fn readiness_waits_for_every_expected_collector() {
+        let r = Registry::new(Duration::from_secs(10)).unwrap();
+        r.expect_collectors(&["a", "b"]);
+        assert!(!r.is_ready());
+        let ok = Attempt {
+            duration: Duration::from_millis(3),
+            finished_ms: 1,
+            error: None,
+        };
+        r.record_attempt("a", &ok);
+        assert!(!r.is_ready());
+        r.record_attempt(
+            "b",
+            &Attempt {
+                error: Some("down".into()),
+                ..ok
+            },
+        );
+        assert!(r.is_ready());
+        let b = r.collectors().into_iter().find(|c| c.name == "b").unwrap();
+        assert!(!b.up);
+        assert_eq!(b.last_error.as_deref(), Some("down"));
+        let text = r.render();
+        assert!(
+            text.contains("autotuner_collector_up{collector=\"b\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("autotuner_collector_failures_total{collector=\"b\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Samples: what a collector measured, in the shape the registry stores and exposes.
+//!
+//! Owns `Labels`, `Sample`, `Family`, `Families` (the builder collectors fill) and `Snapshot` (one
+//! collector's result at one time). Uses nothing of ours: every stage may use it.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The kind of a metric family, as the exposition format names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A value that only goes up (reset on restart of its source); the name ends in `_total`.
+    Counter,
+}
+
+/// A label set, sorted by label name so equal sets compare and hash equal whatever order a
+/// collector wrote them in. The metric name is not a label here: it lives on the family.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(Arc<[(String, String)]>);
+
+impl Labels {
+    /// Builds a label set from pairs in any order. A later pair with the same name replaces an
+    /// earlier one.
+    pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        let mut v: Vec<(String, String)> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        // Keep the last value given for a name.
+        let mut out: Vec<(String, String)> = Vec::with_capacity(v.len());
+        for pair in v {
+            match out.last_mut() {
+                Some(last) if last.0 == pair.0 => *last = pair,
+                _ => out.push(pair),
+            }
+        }
+        Labels(out.into())
+    }
+
+    /// The empty label set.
+    pub fn empty() -> Self {
+        Labels::default()
+    }
+
+    /// The value of label `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    /// The pairs, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Number of labels.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are no labels.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("{")?;
+        for (i, (k, v)) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{k}={v:?}")?;
+        }
+        f.write_str("}")
+    }
+}
+
+/// One value of one series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The series' labels.
+    pub labels: Labels,
+    /// The value.
+    pub value: f64,
+}
+
+/// All samples of one metric name, with its help text and kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    /// Metric name, e.g. `host_memory_usage_ratio`.
+    pub name: String,
+    /// One-line help text for `# HELP`.
+    pub help: String,
+    /// Gauge or counter.
+    pub kind: MetricKind,
+    /// The samples, one per label set.
+    pub samples: Vec<Sample>,
+}
+
+/// The builder collectors fill: families in first-seen order, samples appended by name.
+#[derive(Debug, Default)]
+pub struct Families {
+    families: Vec<Family>,
+}
+
+impl Families {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a gauge sample. Non-finite values are kept: NaN and ±Inf are legal in the
+    /// exposition, and it is for the collector to decide whether to publish one at all.
+    pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.push(name, help, MetricKind::Gauge, labels, value);
+    }
+
+    /// Adds a counter sample.
+    pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.push(name, help, MetricKind::Counter, labels, value);
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricKind,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let sample = Sample {
+            labels: Labels::new(labels.iter().copied()),
+            value,
+        };
+        // Collectors add a family's samples together, so the last family is the usual hit.
+        if let Some(family) = self.families.iter_mut().rev().find(|f| f.name == name) {
+            family.samples.push(sample);
+            return;
+        }
+        self.families.push(Family {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind,
+            samples: vec![sample],
+        });
+    }
+
+    /// Number of samples over all families.
+    pub fn sample_count(&self) -> usize {
+        self.families.iter().map(|f| f.samples.len()).sum()
+    }
+
+    /// The families collected.
+    pub fn into_vec(self) -> Vec<Family> {
+        self.families
+    }
+}
+
+/// One collector's result at one time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The collector that produced it.
+    pub collector: String,
+    /// When the collection finished, in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// What was measured.
+    pub families: Vec<Family>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_sorted_and_deduplicated() {
+        let a = Labels::new([("b", "2"), ("a", "1"), ("b", "3")]);
+        let b = Labels::new([("a", "1"), ("b", "3")]);
+        assert_eq!(a, b);
+        assert_eq!(a.get("b"), Some("3"));
+        assert_eq!(a.get("c"), None);
+        assert_eq!(a.to_string(), r#"{a="1",b="3"}"#);
+    }
+
+    #[test]
+    fn families_group_samples_by_name_in_first_seen_order() {
+        let mut f = Families::new();
+        f.gauge("x", "help x", &[("k", "1")], 1.0);
+        f.counter("y_total", "help y", &[], 2.0);
+        f.gauge("x", "help x", &[("k", "2")], 3.0);
+        assert_eq!(f.sample_count(), 3);
+        let v = f.into_vec();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].name, "x");
+        assert_eq!(v[0].samples.len(), 2);
+        assert_eq!(v[1].kind, MetricKind::Counter);
+    }
+}
