@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::collect::host::HostCollector;
-use crate::collect::{self, Schedule};
+use crate::collect::http_probe::HttpProbeCollector;
+use crate::collect::redis::{self, RedisCollector};
+use crate::collect::{self, Collector as _};
 use crate::http::{self, AppState};
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::shutdown::{self, Signals};
+use crate::targets::RedisHandle;
 
 /// How long requests in flight and collectors get to finish after SIGTERM. Service managers
 /// wait 10 s (systemd 90 s) before SIGKILL; 5 s leaves a margin under both.
@@ -31,15 +34,39 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     if let Some(host) = settings.config.host.clone() {
-        let schedule = Schedule {
-            interval: host.interval,
-            timeout: host.timeout,
-        };
+        let schedule = host.timing;
         let collector = HostCollector::new(host).context("starting the host collector")?;
         registry.expect_collectors(&["host"]);
         tasks.push(collect::spawn(
             collector,
             schedule,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    for target in &settings.config.redis.targets {
+        let redis = &settings.config.redis;
+        let handle = RedisHandle::new(target, redis::run_deadline(redis.timing.timeout))
+            .map_err(|f| anyhow::anyhow!("Redis target {}: {}", target.name, f.message))?;
+        let collector = RedisCollector::new(handle, redis.timing.timeout, redis.hit_ratio_window);
+        registry.expect_collectors(&[collector.name()]);
+        tasks.push(collect::spawn(
+            collector,
+            redis.timing,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let probes = &settings.config.http_probe;
+    if !probes.targets.is_empty() {
+        let collector = HttpProbeCollector::new(&probes.targets, probes.error_ratio_window)
+            .context("starting the HTTP probes")?;
+        registry.expect_collectors(&[collector.name()]);
+        tasks.push(collect::spawn(
+            collector,
+            probes.timing,
             registry.clone(),
             shutdown.clone(),
         ));

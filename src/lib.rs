@@ -23,13 +23,15 @@
 //! - [`shutdown`]: the shutdown token and OS signals.
 //! - [`sample`]: samples, label sets, families.
 //! - [`registry`]: latest snapshots, history, the exposition and the self-metrics.
+//! - [`targets`]: connection handles to the monitored services, shared by collectors and
+//!   actions.
 //! - [`collect`]: the `Collector` trait, the scheduler, and one module per source.
 //! - [`http`]: the router and its handlers.
 //!
 //! # The dependency rule
 //!
 //! Data flows one way: collect → registry → rules → actions → audit. A stage uses the shared
-//! base (`sample`, `registry`, `settings`, `shutdown`, `yaml`) and the input types of the next
+//! base (`sample`, `registry`, `settings`, `shutdown`, `targets`, `yaml`) and the input types of the next
 //! stage only. Collectors never see rules; actions never import rules; audit imports nothing of
 //! ours; `http` reads the registry; nothing imports `app`.
 
@@ -40,4 +42,5 @@ pub mod registry;
 pub mod sample;
 pub mod settings;
 pub mod shutdown;
+pub mod targets;
 pub mod yaml;

@@ -8,6 +8,7 @@
 TEST_PACKAGES=(
   "promtool:prometheus"
   "curl:curl"
+  "redis-server:redis-server"
 )
 
 ensure_packages() {

@@ -60,7 +60,7 @@ impl HostCollector {
 }
 
 impl Collector for HostCollector {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "host"
     }
 

@@ -9,16 +9,19 @@
 //! line when it starts failing, not one per interval.
 
 pub mod host;
+pub mod http_probe;
+pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::registry::{Attempt, Registry};
 use crate::sample::Families;
+use crate::settings::Timing;
 use crate::shutdown::Shutdown;
 
 /// Why a collection produced nothing. The message must be free of secrets: it reaches logs, the
@@ -30,19 +33,10 @@ pub struct CollectError(pub String);
 /// A source of samples.
 pub trait Collector: Send + 'static {
     /// Short, stable name: the `collector` label and the landing page use it.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
 
     /// Measures once. Must be cancel-safe: the scheduler drops the future at the timeout.
     fn collect(&mut self) -> impl Future<Output = Result<Families, CollectError>> + Send;
-}
-
-/// When a collector runs.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    /// Time between the starts of two runs.
-    pub interval: Duration,
-    /// Longest one run may take.
-    pub timeout: Duration,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -57,12 +51,13 @@ pub fn now_ms() -> i64 {
 /// is ready as soon as every collector has reported once.
 pub fn spawn<C: Collector>(
     mut collector: C,
-    schedule: Schedule,
+    schedule: Timing,
     registry: Arc<Registry>,
     mut shutdown: Shutdown,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let name = collector.name();
+        let name = collector.name().to_owned();
+        let name = name.as_str();
         let mut ticker = tokio::time::interval(schedule.interval);
         // After a stall, run once and resume the rhythm; a burst of catch-up runs would only
         // measure the same moment several times.
@@ -128,6 +123,7 @@ pub fn spawn<C: Collector>(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     /// Fails on odd runs, hangs on every third, succeeds otherwise: one collector exercising
     /// every path of the scheduler.
@@ -136,7 +132,7 @@ mod tests {
     }
 
     impl Collector for Flaky {
-        fn name(&self) -> &'static str {
+        fn name(&self) -> &str {
             "flaky"
         }
         async fn collect(&mut self) -> Result<Families, CollectError> {
@@ -164,7 +160,7 @@ mod tests {
         let (trigger, shutdown) = crate::shutdown::channel();
         let handle = spawn(
             Flaky { runs: runs.clone() },
-            Schedule {
+            Timing {
                 interval: Duration::from_secs(5),
                 timeout: Duration::from_secs(4),
             },
@@ -192,7 +188,7 @@ mod tests {
         let (trigger, shutdown) = crate::shutdown::channel();
         let handle = spawn(
             Flaky { runs },
-            Schedule {
+            Timing {
                 interval: Duration::from_secs(5),
                 timeout: Duration::from_secs(4),
             },

@@ -185,3 +185,157 @@ pub fn meminfo(field: &str) -> f64 {
     }
     panic!("{field} not in /proc/meminfo");
 }
+
+/// True when tests that need a provisioned tool must fail rather than skip (the test command
+/// sets it; a plain `cargo test` on a bare machine skips them and says so).
+pub fn strict() -> bool {
+    std::env::var_os("AUTOTUNER_TEST_STRICT").is_some()
+}
+
+/// Finds a program the test needs; without it the test fails in strict mode and otherwise
+/// prints that it did not run.
+pub fn require(program: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !strict(),
+            "{program} is not installed; scripts/test installs it"
+        );
+        eprintln!("NOT RUN: {program} is not installed (scripts/test installs it)");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel's choice; a tiny race with other processes is
+/// accepted).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throw-away redis-server on its own loopback port and directory, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    pub child: Option<Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts one, or `None` (after saying so) when redis-server is not installed.
+    pub fn start(args: &[&str]) -> Option<RedisServer> {
+        require("redis-server")?;
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.restart();
+        Some(server)
+    }
+
+    /// Starts (again) on the same port, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir.path().to_str().unwrap(),
+            ])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it (SIGKILL, as a crash would) and waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (STOP, CONT, ...).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{sig}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A stopped process does not die of SIGKILL until continued on some kernels.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// Writes a configuration file into `dir` and returns its path as a string.
+pub fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("autotuner.yml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+impl Autotuner {
+    /// Polls `/metrics` until `check` accepts a scrape, and returns that scrape.
+    pub async fn scrape_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&Scrape) -> bool,
+    ) -> Scrape {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.scrape().await;
+            if check(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not seen within {limit:?}; last scrape:\n{}",
+                s.text
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -14,23 +14,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use regex::Regex;
 use serde::Deserialize;
 
-use crate::yaml::{self, Diagnostic, Locator, Seg};
+use crate::yaml::Diagnostic;
+
+mod config;
+pub mod secret;
+
+pub use config::{
+    Config, DEFAULT_FS_TYPES_EXCLUDE, DEFAULT_MOUNT_POINTS_EXCLUDE, HostConfig, HttpMethod,
+    HttpTarget, ProbeConfig, REDIS_SCHEMES, RedisConfig, RedisTarget, Timing,
+};
+use secret::SecretUrl;
 
 /// The default listen port. The 9100–9999 block of Prometheus's default port allocations is
 /// taken (node_exporter 9100, redis_exporter 9121, postgres_exporter 9187, ...); new exporters
 /// are told to pick outside it, so ours is 10150.
 pub const DEFAULT_PORT: u16 = 10150;
-
-/// node_exporter's default mount point exclusion: kernel, runtime and container-internal mounts.
-pub const DEFAULT_MOUNT_POINTS_EXCLUDE: &str =
-    "^/(dev|proc|run/credentials/.+|sys|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)";
-
-/// node_exporter's default filesystem type exclusion: pseudo, virtual and read-only image
-/// filesystems whose "usage" means nothing to an operator.
-pub const DEFAULT_FS_TYPES_EXCLUDE: &str = "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|erofs|sysfs|tracefs)$";
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -190,7 +190,7 @@ impl Settings {
                 ),
             });
         }
-        let config = match &flags.config_file {
+        let mut config = match &flags.config_file {
             Some(file) => Config::load(file)?,
             // No file means the defaults, which go through the same validation.
             None => Config::parse("").map_err(|diagnostics| SettingsError::Invalid {
@@ -198,6 +198,7 @@ impl Settings {
                 diagnostics,
             })?,
         };
+        apply_env_targets(&mut config, |name| std::env::var(name).ok())?;
         Ok(Settings {
             listen,
             telemetry_path: path.clone(),
@@ -228,30 +229,6 @@ pub fn parse_listen_address(text: &str) -> Result<Vec<SocketAddr>, SettingsError
     Ok(addrs)
 }
 
-/// What the configuration file says, validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The host collector, unless disabled.
-    pub host: Option<HostConfig>,
-    /// How long the in-memory history keeps each series.
-    pub history_retention: Duration,
-}
-
-/// The host collector's settings.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    /// Time between collections.
-    pub interval: Duration,
-    /// Longest a collection may take.
-    pub timeout: Duration,
-    /// Filesystems whose mount point matches are left out.
-    pub mount_points_exclude: Regex,
-    /// Filesystems whose type matches are left out.
-    pub fs_types_exclude: Regex,
-    /// Network interfaces whose name matches are left out.
-    pub network_devices_exclude: Option<Regex>,
-}
-
 impl Config {
     /// Reads, decodes and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, SettingsError> {
@@ -261,12 +238,55 @@ impl Config {
             diagnostics,
         })
     }
+}
 
-    /// Decodes and validates configuration text; every problem is reported.
-    pub fn parse(text: &str) -> Result<Self, Vec<Diagnostic>> {
-        let (spec, locator) = yaml::from_str::<ConfigSpec>(text)?;
-        spec.validate(&locator)
+/// The name of a target given by an environment variable rather than the file.
+pub const ENV_TARGET_NAME: &str = "default";
+
+/// Adds the targets given by the environment, the way twelve-factor deployments hand them out:
+/// `AUTOTUNER_REDIS_URL` (or `REDIS_URL`) becomes the Redis target named `default`. The
+/// `AUTOTUNER_` variable wins over the generic one.
+pub fn apply_env_targets(
+    config: &mut Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), SettingsError> {
+    let pick = |names: &[&'static str]| -> Option<(&'static str, String)> {
+        names
+            .iter()
+            .find_map(|n| env(n).filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
+    };
+    if let Some((var, value)) = pick(&["AUTOTUNER_REDIS_URL", "REDIS_URL"]) {
+        let url = SecretUrl::parse(value.trim())
+            .map_err(|message| SettingsError::Env { var, message })?;
+        if !REDIS_SCHEMES.contains(&url.scheme()) {
+            return Err(SettingsError::Env {
+                var,
+                message: format!(
+                    "URL scheme {:?} is not one of {}",
+                    url.scheme(),
+                    REDIS_SCHEMES.join(", ")
+                ),
+            });
+        }
+        if config
+            .redis
+            .targets
+            .iter()
+            .any(|t| t.name == ENV_TARGET_NAME)
+        {
+            return Err(SettingsError::Env {
+                var,
+                message: format!(
+                    "the configuration file already has a Redis target named {ENV_TARGET_NAME:?}"
+                ),
+            });
+        }
+        config.redis.targets.push(RedisTarget {
+            name: ENV_TARGET_NAME.to_owned(),
+            url,
+        });
     }
+    Ok(())
 }
 
 /// Largest configuration file we read: far beyond any real one, small enough that a wrong path
@@ -303,6 +323,14 @@ pub enum SettingsError {
     Flag {
         /// The flag, without dashes.
         flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable's value is unusable (the message never repeats the value).
+    #[error("${var}: {message}")]
+    Env {
+        /// The variable.
+        var: &'static str,
         /// What is wrong.
         message: String,
     },
@@ -391,274 +419,32 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// The configuration file, as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct ConfigSpec {
-    collectors: CollectorsSpec,
-    history: HistorySpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct CollectorsSpec {
-    host: HostSpec,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct HostSpec {
-    enabled: bool,
-    interval: HumanDuration,
-    timeout: Option<HumanDuration>,
-    filesystem: FilesystemSpec,
-    network: NetworkSpec,
-}
-
-impl Default for HostSpec {
-    fn default() -> Self {
-        HostSpec {
-            enabled: true,
-            // Five seconds: fine enough for a rule's `for: 30s` to see six samples, cheap
-            // enough (a few /proc reads) to be invisible on the host.
-            interval: HumanDuration(Duration::from_secs(5)),
-            timeout: None,
-            filesystem: FilesystemSpec::default(),
-            network: NetworkSpec::default(),
-        }
-    }
-}
-
-impl HostSpec {
-    /// Four fifths of the interval: a collection that overruns it is cut off before the next
-    /// one is due, so they never pile up.
-    fn default_timeout(&self) -> Duration {
-        self.interval.0.mul_f64(0.8)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FilesystemSpec {
-    mount_points_exclude: String,
-    fs_types_exclude: String,
-}
-
-impl Default for FilesystemSpec {
-    fn default() -> Self {
-        FilesystemSpec {
-            mount_points_exclude: DEFAULT_MOUNT_POINTS_EXCLUDE.to_owned(),
-            fs_types_exclude: DEFAULT_FS_TYPES_EXCLUDE.to_owned(),
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct NetworkSpec {
-    devices_exclude: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct HistorySpec {
-    retention: HumanDuration,
-}
-
-impl Default for HistorySpec {
-    fn default() -> Self {
-        // Ten minutes: the longest window the shipped rules read (`rate(...[5m])` with a
-        // `for: 5m` on top) with room to spare, at a few kilobytes per series.
-        HistorySpec {
-            retention: HumanDuration(Duration::from_secs(600)),
-        }
-    }
-}
-
-/// Shortest collection interval: CPU usage is a difference of two readings, and the kernel's
-/// counters move in 10 ms ticks, so much finer intervals only measure noise.
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Longest history: a day at a 5 s interval is 17,280 points a series; beyond that, use
-/// Prometheus.
-const MAX_RETENTION: Duration = Duration::from_secs(24 * 3600);
-
-impl ConfigSpec {
-    fn validate(self, loc: &Locator) -> Result<Config, Vec<Diagnostic>> {
-        let mut errors = Vec::new();
-        let host_path =
-            |field: &str| -> Vec<Seg> { vec!["collectors".into(), "host".into(), field.into()] };
-        let h = &self.collectors.host;
-        if h.interval.0 < MIN_INTERVAL {
-            errors.push(loc.error_at(
-                &host_path("interval"),
-                format!("interval must be at least {}s", MIN_INTERVAL.as_secs()),
-            ));
-        }
-        let timeout = h.timeout.map_or_else(|| h.default_timeout(), |t| t.0);
-        if timeout > h.interval.0 {
-            errors.push(loc.error_at(
-                &host_path("timeout"),
-                "timeout must not be longer than the interval",
-            ));
-        }
-        let mut regex = |path: Vec<Seg>, pattern: &str| -> Option<Regex> {
-            match Regex::new(pattern) {
-                Ok(r) => Some(r),
-                Err(err) => {
-                    errors.push(loc.error_at(&path, format!("invalid regular expression: {err}")));
-                    None
-                }
-            }
-        };
-        let fs = |f: &str| {
-            vec![
-                "collectors".into(),
-                "host".into(),
-                "filesystem".into(),
-                Seg::Key(f.into()),
-            ]
-        };
-        let mount_points_exclude = regex(
-            fs("mount_points_exclude"),
-            &h.filesystem.mount_points_exclude,
-        );
-        let fs_types_exclude = regex(fs("fs_types_exclude"), &h.filesystem.fs_types_exclude);
-        let network_devices_exclude = match &h.network.devices_exclude {
-            Some(p) => regex(
-                vec![
-                    "collectors".into(),
-                    "host".into(),
-                    "network".into(),
-                    "devices_exclude".into(),
-                ],
-                p,
-            )
-            .map(Some),
-            None => Some(None),
-        };
-        let retention = self.history.retention.0;
-        if retention > MAX_RETENTION {
-            errors.push(loc.error_at(
-                &["history".into(), "retention".into()],
-                "retention must be at most 24h",
-            ));
-        }
-        if h.enabled && retention < h.interval.0 {
-            errors.push(loc.error_at(
-                &["history".into(), "retention".into()],
-                "retention must be at least one host collection interval",
-            ));
-        }
-        match (
-            mount_points_exclude,
-            fs_types_exclude,
-            network_devices_exclude,
-        ) {
-            (Some(mount_points_exclude), Some(fs_types_exclude), Some(network_devices_exclude))
-                if errors.is_empty() =>
-            {
-                Ok(Config {
-                    host: h.enabled.then(|| HostConfig {
-                        interval: h.interval.0,
-                        timeout,
-                        mount_points_exclude,
-                        fs_types_exclude,
-                        network_devices_exclude,
-                    }),
-                    history_retention: retention,
-                })
-            }
-            _ => Err(errors),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn errors(text: &str) -> Vec<String> {
-        match Config::parse(text) {
-            Ok(c) => panic!("expected errors, got {c:?}"),
-            Err(d) => d.iter().map(ToString::to_string).collect(),
-        }
-    }
-
     #[test]
-    fn the_default_patterns_compile() {
-        Regex::new(DEFAULT_MOUNT_POINTS_EXCLUDE).unwrap();
-        Regex::new(DEFAULT_FS_TYPES_EXCLUDE).unwrap();
-        let c = Config::parse("").unwrap();
-        let h = c.host.unwrap();
-        assert!(h.mount_points_exclude.is_match("/proc/sys"));
-        assert!(h.mount_points_exclude.is_match("/dev"));
-        assert!(!h.mount_points_exclude.is_match("/"));
-        assert!(!h.mount_points_exclude.is_match("/devices"));
-        assert!(h.fs_types_exclude.is_match("cgroup2"));
-        assert!(!h.fs_types_exclude.is_match("ext4"));
-        assert_eq!(h.interval, Duration::from_secs(5));
-        assert_eq!(h.timeout, Duration::from_secs(4));
-        assert_eq!(c.history_retention, Duration::from_secs(600));
-    }
-
-    #[test]
-    fn a_full_file_is_read() {
-        let c = Config::parse(
-            "collectors:\n  host:\n    interval: 10s\n    timeout: 2s\n    network:\n      devices_exclude: '^lo$'\nhistory:\n  retention: 1h\n",
-        )
-        .unwrap();
-        let h = c.host.unwrap();
-        assert_eq!(h.interval, Duration::from_secs(10));
-        assert_eq!(h.timeout, Duration::from_secs(2));
-        assert!(h.network_devices_exclude.unwrap().is_match("lo"));
-        assert_eq!(c.history_retention, Duration::from_secs(3600));
-    }
-
-    #[test]
-    fn the_host_collector_can_be_disabled() {
-        let c = Config::parse("collectors:\n  host:\n    enabled: false\n").unwrap();
-        assert!(c.host.is_none());
-    }
-
-    #[test]
-    fn every_error_is_reported_with_its_line() {
-        let errs = errors(
-            "collectors:\n  host:\n    interval: soon\n    colour: blue\n    filesystem:\n      fs_types_exclude: '('\nhistory:\n  retention: 1h\n  retention: 2h\n",
-        );
-        assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(
-            errs[0].starts_with("3:15: invalid duration \"soon\""),
-            "{errs:?}"
-        );
-        assert!(
-            errs[1].starts_with("4:5: unknown field `colour`"),
-            "{errs:?}"
-        );
-        assert!(
-            errs[2].starts_with("9:3: duplicate key `retention`"),
-            "{errs:?}"
-        );
-    }
-
-    #[test]
-    fn semantic_errors_point_at_their_value() {
-        let errs = errors(
-            "collectors:\n  host:\n    interval: 5s\n    timeout: 6s\n    filesystem:\n      fs_types_exclude: '('\nhistory:\n  retention: 2d\n",
-        );
-        assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(
-            errs[0].starts_with("4:14: timeout must not be longer"),
-            "{errs:?}"
-        );
-        assert!(
-            errs[1].starts_with("6:25: invalid regular expression"),
-            "{errs:?}"
-        );
-        assert!(
-            errs[2].starts_with("8:14: retention must be at most 24h"),
-            "{errs:?}"
-        );
+    fn redis_url_from_the_environment_becomes_the_default_target() {
+        let mut c = Config::parse("").unwrap();
+        let env = |n: &str| match n {
+            "REDIS_URL" => Some("redis://:pw@127.0.0.1:1/".to_owned()),
+            "AUTOTUNER_REDIS_URL" => Some("redis://127.0.0.1:2/".to_owned()),
+            _ => None,
+        };
+        apply_env_targets(&mut c, env).unwrap();
+        assert_eq!(c.redis.targets.len(), 1);
+        assert_eq!(c.redis.targets[0].name, "default");
+        assert_eq!(c.redis.targets[0].url.redacted(), "redis://127.0.0.1:2/");
+        let err = apply_env_targets(&mut c, env).unwrap_err().to_string();
+        assert!(err.contains("already has a Redis target"), "{err}");
+        let mut c = Config::parse("").unwrap();
+        let err = apply_env_targets(&mut c, |n| {
+            (n == "REDIS_URL").then(|| "http://:pw@x/".to_owned())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("$REDIS_URL: URL scheme"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,667 @@
+//! The configuration file: its schema as written (`*Spec`, serde with `deny_unknown_fields`),
+//! its defaults, and the validation that turns it into the runtime `Config`.
+//!
+//! Uses `yaml` for located decoding, `HumanDuration` and `SecretUrl` from this module's parent;
+//! nothing else of ours. Every check reports its problem at the line of the offending value.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use super::HumanDuration;
+use super::secret::SecretUrl;
+use crate::yaml::{self, Diagnostic, Locator, Seg};
+
+/// node_exporter's default mount point exclusion: kernel, runtime and container-internal mounts.
+pub const DEFAULT_MOUNT_POINTS_EXCLUDE: &str =
+    "^/(dev|proc|run/credentials/.+|sys|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)";
+
+/// node_exporter's default filesystem type exclusion: pseudo, virtual and read-only image
+/// filesystems whose "usage" means nothing to an operator.
+pub const DEFAULT_FS_TYPES_EXCLUDE: &str = "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|erofs|sysfs|tracefs)$";
+
+/// What the configuration file says, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The host collector, unless disabled.
+    pub host: Option<HostConfig>,
+    /// The Redis collector and its targets (none: not collected).
+    pub redis: RedisConfig,
+    /// The HTTP probes and their targets (none: not probed).
+    pub http_probe: ProbeConfig,
+    /// How long the in-memory history keeps each series.
+    pub history_retention: Duration,
+}
+
+/// When a collector runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Time between the starts of two runs.
+    pub interval: Duration,
+    /// Longest one run may take.
+    pub timeout: Duration,
+}
+
+/// The host collector's settings.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// When it runs.
+    pub timing: Timing,
+    /// Filesystems whose mount point matches are left out.
+    pub mount_points_exclude: Regex,
+    /// Filesystems whose type matches are left out.
+    pub fs_types_exclude: Regex,
+    /// Network interfaces whose name matches are left out.
+    pub network_devices_exclude: Option<Regex>,
+}
+
+/// The Redis collector's settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// When it runs (each target separately).
+    pub timing: Timing,
+    /// The window over which `redis_cache_hit_ratio` is computed.
+    pub hit_ratio_window: Duration,
+    /// The servers to measure.
+    pub targets: Vec<RedisTarget>,
+}
+
+/// One Redis server.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    /// The `target` label.
+    pub name: String,
+    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://...` for TLS, or `unix:///path`.
+    pub url: SecretUrl,
+}
+
+/// The HTTP probe collector's settings.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    /// When it runs (all targets concurrently).
+    pub timing: Timing,
+    /// The window over which `probe_http_error_ratio` is computed.
+    pub error_ratio_window: Duration,
+    /// The endpoints to probe.
+    pub targets: Vec<HttpTarget>,
+}
+
+/// One application endpoint.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    /// The `target` label.
+    pub name: String,
+    /// The URL requested (credentials in it are redacted everywhere but the request).
+    pub url: SecretUrl,
+    /// `GET` or `HEAD`.
+    pub method: HttpMethod,
+    /// Status codes that count as success; empty means any 2xx.
+    pub expected_status: Vec<u16>,
+    /// Longest the request (to the end of the body) may take.
+    pub timeout: Duration,
+    /// Whether redirects are followed (at most 10) or the redirect itself is the answer.
+    pub follow_redirects: bool,
+    /// Whether an invalid TLS certificate is accepted. Off by default; only for test rigs.
+    pub insecure_skip_verify: bool,
+}
+
+/// The request methods a probe may use: neither changes anything on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum HttpMethod {
+    /// `GET`: the whole response, body included, is timed.
+    #[serde(rename = "GET")]
+    Get,
+    /// `HEAD`: only the headers.
+    #[serde(rename = "HEAD")]
+    Head,
+}
+
+impl Config {
+    /// Decodes and validates configuration text; every problem is reported.
+    pub fn parse(text: &str) -> Result<Self, Vec<Diagnostic>> {
+        let (spec, locator) = yaml::from_str::<ConfigSpec>(text)?;
+        spec.validate(&locator)
+    }
+}
+
+/// The configuration file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ConfigSpec {
+    collectors: CollectorsSpec,
+    targets: TargetsSpec,
+    history: HistorySpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CollectorsSpec {
+    host: HostSpec,
+    redis: RedisSpec,
+    http_probe: ProbeSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TargetsSpec {
+    redis: Vec<RedisTargetSpec>,
+    http: Vec<HttpTargetSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HostSpec {
+    enabled: bool,
+    interval: HumanDuration,
+    timeout: Option<HumanDuration>,
+    filesystem: FilesystemSpec,
+    network: NetworkSpec,
+}
+
+impl Default for HostSpec {
+    fn default() -> Self {
+        HostSpec {
+            enabled: true,
+            // Five seconds: fine enough for a rule's `for: 30s` to see six samples, cheap
+            // enough (a few /proc reads) to be invisible on the host.
+            interval: HumanDuration(Duration::from_secs(5)),
+            timeout: None,
+            filesystem: FilesystemSpec::default(),
+            network: NetworkSpec::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FilesystemSpec {
+    mount_points_exclude: String,
+    fs_types_exclude: String,
+}
+
+impl Default for FilesystemSpec {
+    fn default() -> Self {
+        FilesystemSpec {
+            mount_points_exclude: DEFAULT_MOUNT_POINTS_EXCLUDE.to_owned(),
+            fs_types_exclude: DEFAULT_FS_TYPES_EXCLUDE.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct NetworkSpec {
+    devices_exclude: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RedisSpec {
+    interval: HumanDuration,
+    timeout: Option<HumanDuration>,
+    hit_ratio_window: HumanDuration,
+}
+
+impl Default for RedisSpec {
+    fn default() -> Self {
+        RedisSpec {
+            interval: HumanDuration(Duration::from_secs(5)),
+            timeout: None,
+            // One minute: long enough that a handful of requests does not swing the ratio,
+            // short enough that a cache going cold shows within a rule's `for`.
+            hit_ratio_window: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProbeSpec {
+    interval: HumanDuration,
+    timeout: Option<HumanDuration>,
+    error_ratio_window: HumanDuration,
+}
+
+impl Default for ProbeSpec {
+    fn default() -> Self {
+        ProbeSpec {
+            // Fifteen seconds, as Prometheus's default scrape interval: each probe is a real
+            // request to the application, so not more often than users already look.
+            interval: HumanDuration(Duration::from_secs(15)),
+            timeout: None,
+            // Five minutes, the window of the usual "error rate above 5 %" alert.
+            error_ratio_window: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisTargetSpec {
+    name: String,
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpTargetSpec {
+    name: String,
+    url: String,
+    #[serde(default = "default_method")]
+    method: HttpMethod,
+    #[serde(default)]
+    expected_status: Vec<u16>,
+    timeout: Option<HumanDuration>,
+    #[serde(default = "yes")]
+    follow_redirects: bool,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+}
+
+fn default_method() -> HttpMethod {
+    HttpMethod::Get
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HistorySpec {
+    retention: HumanDuration,
+}
+
+impl Default for HistorySpec {
+    fn default() -> Self {
+        // Ten minutes: the longest window the shipped rules read (`rate(...[5m])` with a
+        // `for: 5m` on top) with room to spare, at a few kilobytes per series.
+        HistorySpec {
+            retention: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// Shortest collection interval: CPU usage is a difference of two readings, and the kernel's
+/// counters move in 10 ms ticks, so much finer intervals only measure noise.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest history: a day at a 5 s interval is 17,280 points a series; beyond that, use
+/// Prometheus.
+const MAX_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Default per-request probe timeout: well under the 15 s interval, well over the 2 s an API
+/// answer may take before the documented alert fires, so a slow answer is measured, not cut.
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Collects validation errors at their locations.
+struct Checker<'a> {
+    loc: &'a Locator,
+    errors: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.errors.push(self.loc.error_at(path, message));
+    }
+
+    fn regex(&mut self, path: &[Seg], pattern: &str) -> Option<Regex> {
+        match Regex::new(pattern) {
+            Ok(r) => Some(r),
+            Err(err) => {
+                self.error(path, format!("invalid regular expression: {err}"));
+                None
+            }
+        }
+    }
+
+    /// Interval and timeout of one collector; the timeout defaults to four fifths of the
+    /// interval, so an overrunning run is cut off before the next one is due.
+    fn timing(
+        &mut self,
+        collector: &str,
+        interval: HumanDuration,
+        timeout: Option<HumanDuration>,
+    ) -> Timing {
+        let path =
+            |field: &str| -> Vec<Seg> { vec!["collectors".into(), collector.into(), field.into()] };
+        if interval.0 < MIN_INTERVAL {
+            self.error(
+                &path("interval"),
+                format!("interval must be at least {}s", MIN_INTERVAL.as_secs()),
+            );
+        }
+        let timeout = timeout.map_or_else(|| interval.0.mul_f64(0.8), |t| t.0);
+        if timeout > interval.0 {
+            self.error(
+                &path("timeout"),
+                "timeout must not be longer than the interval",
+            );
+        }
+        Timing {
+            interval: interval.0,
+            timeout,
+        }
+    }
+
+    /// Target names become label values and identify targets in logs: short and plain, and
+    /// unique within their kind.
+    fn target_name(&mut self, path: &[Seg], name: &str, seen: &mut HashSet<String>) {
+        let plain = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !plain {
+            self.error(
+                path,
+                format!("target name {name:?} must be 1 to 64 letters, digits, '_', '-' or '.'"),
+            );
+        } else if !seen.insert(name.to_owned()) {
+            self.error(path, format!("target name {name:?} is used twice"));
+        }
+    }
+
+    fn url(&mut self, path: &[Seg], text: &str, schemes: &[&str]) -> Option<SecretUrl> {
+        match SecretUrl::parse(text) {
+            Ok(url) if schemes.contains(&url.scheme()) => Some(url),
+            Ok(url) => {
+                self.error(
+                    path,
+                    format!(
+                        "URL scheme {:?} is not one of {}",
+                        url.scheme(),
+                        schemes.join(", ")
+                    ),
+                );
+                None
+            }
+            Err(err) => {
+                self.error(path, err);
+                None
+            }
+        }
+    }
+}
+
+/// URL schemes the Redis client speaks.
+pub const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "unix", "redis+unix"];
+
+impl ConfigSpec {
+    fn validate(self, loc: &Locator) -> Result<Config, Vec<Diagnostic>> {
+        let mut c = Checker {
+            loc,
+            errors: Vec::new(),
+        };
+
+        let h = &self.collectors.host;
+        let host_timing = c.timing("host", h.interval, h.timeout);
+        let fs = |f: &str| -> Vec<Seg> {
+            vec![
+                "collectors".into(),
+                "host".into(),
+                "filesystem".into(),
+                f.into(),
+            ]
+        };
+        let mount_points_exclude = c.regex(
+            &fs("mount_points_exclude"),
+            &h.filesystem.mount_points_exclude,
+        );
+        let fs_types_exclude = c.regex(&fs("fs_types_exclude"), &h.filesystem.fs_types_exclude);
+        let network_devices_exclude = h.network.devices_exclude.as_ref().map(|p| {
+            c.regex(
+                &[
+                    "collectors".into(),
+                    "host".into(),
+                    "network".into(),
+                    "devices_exclude".into(),
+                ],
+                p,
+            )
+        });
+
+        let r = &self.collectors.redis;
+        let redis_timing = c.timing("redis", r.interval, r.timeout);
+        let mut seen = HashSet::new();
+        let mut redis_targets = Vec::new();
+        for (i, t) in self.targets.redis.iter().enumerate() {
+            let path = |f: &str| -> Vec<Seg> {
+                vec!["targets".into(), "redis".into(), i.into(), f.into()]
+            };
+            c.target_name(&path("name"), &t.name, &mut seen);
+            if let Some(url) = c.url(&path("url"), &t.url, REDIS_SCHEMES) {
+                redis_targets.push(RedisTarget {
+                    name: t.name.clone(),
+                    url,
+                });
+            }
+        }
+
+        let p = &self.collectors.http_probe;
+        let probe_timing = c.timing("http_probe", p.interval, p.timeout);
+        let mut seen = HashSet::new();
+        let mut http_targets = Vec::new();
+        for (i, t) in self.targets.http.iter().enumerate() {
+            let path =
+                |f: &str| -> Vec<Seg> { vec!["targets".into(), "http".into(), i.into(), f.into()] };
+            c.target_name(&path("name"), &t.name, &mut seen);
+            let timeout = t
+                .timeout
+                .map_or(DEFAULT_PROBE_TIMEOUT.min(probe_timing.timeout), |d| d.0);
+            if timeout > probe_timing.timeout {
+                c.error(
+                    &path("timeout"),
+                    format!(
+                        "a probe's timeout must not exceed the http_probe collector's ({:.1}s)",
+                        probe_timing.timeout.as_secs_f64()
+                    ),
+                );
+            }
+            for (j, code) in t.expected_status.iter().enumerate() {
+                if !(100..=599).contains(code) {
+                    let mut at = path("expected_status");
+                    at.push(j.into());
+                    c.error(&at, format!("{code} is not an HTTP status code"));
+                }
+            }
+            if let Some(url) = c.url(&path("url"), &t.url, &["http", "https"]) {
+                http_targets.push(HttpTarget {
+                    name: t.name.clone(),
+                    url,
+                    method: t.method,
+                    expected_status: t.expected_status.clone(),
+                    timeout,
+                    follow_redirects: t.follow_redirects,
+                    insecure_skip_verify: t.insecure_skip_verify,
+                });
+            }
+        }
+
+        let retention = self.history.retention.0;
+        let retention_path: Vec<Seg> = vec!["history".into(), "retention".into()];
+        if retention > MAX_RETENTION {
+            c.error(&retention_path, "retention must be at most 24h");
+        }
+        let mut longest = Duration::ZERO;
+        if h.enabled {
+            longest = longest.max(host_timing.interval);
+        }
+        if !redis_targets.is_empty() {
+            longest = longest.max(redis_timing.interval);
+        }
+        if !http_targets.is_empty() {
+            longest = longest.max(probe_timing.interval);
+        }
+        if retention < longest {
+            c.error(
+                &retention_path,
+                "retention must be at least the longest collection interval",
+            );
+        }
+
+        match (
+            mount_points_exclude,
+            fs_types_exclude,
+            network_devices_exclude,
+        ) {
+            (Some(mount_points_exclude), Some(fs_types_exclude), None | Some(Some(_)))
+                if c.errors.is_empty() =>
+            {
+                let network_devices_exclude = h
+                    .network
+                    .devices_exclude
+                    .as_ref()
+                    .and_then(|p| Regex::new(p).ok());
+                Ok(Config {
+                    host: h.enabled.then(|| HostConfig {
+                        timing: host_timing,
+                        mount_points_exclude,
+                        fs_types_exclude,
+                        network_devices_exclude,
+                    }),
+                    redis: RedisConfig {
+                        timing: redis_timing,
+                        hit_ratio_window: r.hit_ratio_window.0,
+                        targets: redis_targets,
+                    },
+                    http_probe: ProbeConfig {
+                        timing: probe_timing,
+                        error_ratio_window: p.error_ratio_window.0,
+                        targets: http_targets,
+                    },
+                    history_retention: retention,
+                })
+            }
+            _ => {
+                let mut errors = c.errors;
+                errors.sort_by_key(|d| (d.line, d.column));
+                Err(errors)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(d) => d.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn the_default_patterns_compile() {
+        Regex::new(DEFAULT_MOUNT_POINTS_EXCLUDE).unwrap();
+        Regex::new(DEFAULT_FS_TYPES_EXCLUDE).unwrap();
+        let c = Config::parse("").unwrap();
+        let h = c.host.unwrap();
+        assert!(h.mount_points_exclude.is_match("/proc/sys"));
+        assert!(h.mount_points_exclude.is_match("/dev"));
+        assert!(!h.mount_points_exclude.is_match("/"));
+        assert!(!h.mount_points_exclude.is_match("/devices"));
+        assert!(h.fs_types_exclude.is_match("cgroup2"));
+        assert!(!h.fs_types_exclude.is_match("ext4"));
+        assert_eq!(h.timing.interval, Duration::from_secs(5));
+        assert_eq!(h.timing.timeout, Duration::from_secs(4));
+        assert_eq!(c.history_retention, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let c = Config::parse(
+            "collectors:\n  host:\n    interval: 10s\n    timeout: 2s\n    network:\n      devices_exclude: '^lo$'\nhistory:\n  retention: 1h\n",
+        )
+        .unwrap();
+        let h = c.host.unwrap();
+        assert_eq!(h.timing.interval, Duration::from_secs(10));
+        assert_eq!(h.timing.timeout, Duration::from_secs(2));
+        assert!(h.network_devices_exclude.unwrap().is_match("lo"));
+        assert_eq!(c.history_retention, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_host_collector_can_be_disabled() {
+        let c = Config::parse("collectors:\n  host:\n    enabled: false\n").unwrap();
+        assert!(c.host.is_none());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line() {
+        let errs = errors(
+            "collectors:\n  host:\n    interval: soon\n    colour: blue\n    filesystem:\n      fs_types_exclude: '('\nhistory:\n  retention: 1h\n  retention: 2h\n",
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("3:15: invalid duration \"soon\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("4:5: unknown field `colour`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("9:3: duplicate key `retention`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_point_at_their_value() {
+        let errs = errors(
+            "collectors:\n  host:\n    interval: 5s\n    timeout: 6s\n    filesystem:\n      fs_types_exclude: '('\nhistory:\n  retention: 2d\n",
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("4:14: timeout must not be longer"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("6:25: invalid regular expression"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("8:14: retention must be at most 24h"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn redis_and_http_targets_are_read_and_checked() {
+        let c = Config::parse(
+            "targets:\n  redis:\n    - name: cache\n      url: redis://app:s3cret@127.0.0.1:6380/0\n  http:\n    - name: api\n      url: http://127.0.0.1:8000/health\n      expected_status: [200, 204]\n      timeout: 3s\n",
+        )
+        .unwrap();
+        assert_eq!(c.redis.targets.len(), 1);
+        assert_eq!(
+            c.redis.targets[0].url.redacted(),
+            "redis://app:****@127.0.0.1:6380/0"
+        );
+        assert!(!format!("{:?}", c.redis).contains("s3cret"));
+        let api = &c.http_probe.targets[0];
+        assert_eq!(api.expected_status, vec![200, 204]);
+        assert_eq!(api.timeout, Duration::from_secs(3));
+        assert!(api.follow_redirects);
+
+        let errs = errors(
+            "targets:\n  redis:\n    - name: a b\n      url: http://x\n    - name: c\n      url: 'redis://['\n  http:\n    - name: api\n      url: http://x/\n      expected_status: [999]\n      timeout: 1h\n    - name: api\n      url: ftp://x/\n",
+        );
+        let joined = errs.join("\n");
+        for want in [
+            "3:13: target name \"a b\"",
+            "4:12: URL scheme \"http\"",
+            "6:12: invalid URL",
+            "10:25: 999 is not an HTTP status code",
+            "11:16: a probe's timeout must not exceed",
+            "12:13: target name \"api\" is used twice",
+            "13:12: URL scheme \"ftp\"",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The Redis collector against real redis-server processes started by the test on their own
+//! loopback ports: the hit ratio over a window, ACL users and passwords, a server that dies or
+//! hangs, and recovery without restarting us.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Autotuner, RedisServer, write_config};
+
+fn config(targets: &[(&str, String)], window: &str) -> String {
+    let mut text = format!(
+        "collectors:\n  redis:\n    interval: 1s\n    timeout: 800ms\n    hit_ratio_window: {window}\ntargets:\n  redis:\n"
+    );
+    for (name, url) in targets {
+        text.push_str(&format!("    - name: {name}\n      url: '{url}'\n"));
+    }
+    text
+}
+
+/// An autotuner watching `server` as target `cache`, once it has seen it up.
+async fn watch_one(server: &RedisServer, window: &str) -> (Autotuner, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(&dir, &config(&[("cache", server.url())], window));
+    let app = Autotuner::start(&["--config.file", &file], &[]);
+    app.wait_ready().await;
+    app.scrape_until(Duration::from_secs(5), "redis_up 1", |s| {
+        s.value("redis_up", &[("target", "cache")]) == Some(1.0)
+    })
+    .await;
+    (app, dir)
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hit_ratio_over_the_window_then_absent_when_quiet() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let (app, _dir) = watch_one(&server, "4s").await;
+    let t = [("target", "cache")];
+    // No lookups yet: no ratio, rather than 0 or NaN.
+    assert_eq!(app.scrape().await.value("redis_cache_hit_ratio", &t), None);
+
+    let mut conn = redis_conn(&server.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg("present")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for i in 0..100 {
+        let _: Option<String> = redis::cmd("GET")
+            .arg("present")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for j in 0..3 {
+            let _: Option<String> = redis::cmd("GET")
+                .arg(format!("absent:{i}:{j}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    // 100 hits and 300 misses: 0.25 exactly, since our own INFO and PING are not lookups. The
+    // tolerance only covers float formatting.
+    let s = app
+        .scrape_until(
+            Duration::from_secs(5),
+            "a hit ratio after the traffic",
+            |s| {
+                s.value("redis_cache_hit_ratio", &t)
+                    .is_some_and(|r| (r - 0.25).abs() < 1e-9)
+            },
+        )
+        .await;
+    assert_eq!(s.value("redis_keyspace_hits_total", &t), Some(100.0));
+    assert_eq!(s.value("redis_keyspace_misses_total", &t), Some(300.0));
+    assert_eq!(
+        s.value("redis_db_keys", &[("target", "cache"), ("db", "db0")]),
+        Some(1.0)
+    );
+    assert!(s.value("redis_memory_used_bytes", &t).unwrap() > 0.0);
+    assert!(s.value("redis_probe_latency_seconds", &t).unwrap() > 0.0);
+    // No maxmemory set: no usage ratio.
+    assert_eq!(s.value("redis_memory_max_bytes", &t), Some(0.0));
+    assert_eq!(s.value("redis_memory_usage_ratio", &t), None);
+
+    // Once the traffic has left the 4 s window, a quiet window publishes no ratio.
+    app.scrape_until(Duration::from_secs(10), "the ratio to disappear", |s| {
+        s.value("redis_up", &t) == Some(1.0) && s.value("redis_cache_hit_ratio", &t).is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acl_user_password_and_a_wrong_password() {
+    let Some(server) = RedisServer::start(&["--requirepass", "admin-pw-7"]) else {
+        return;
+    };
+    let admin = format!("redis://:admin-pw-7@127.0.0.1:{}/", server.port);
+    let mut conn = redis_conn(&admin).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "monitor",
+            "on",
+            ">mon-pw-3",
+            "+ping",
+            "+info",
+            "+slowlog",
+            "+config|get",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "100mb"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = format!("redis://monitor:mon-pw-3@127.0.0.1:{}/", server.port);
+    let bad = format!("redis://monitor:wrong-pw-9@127.0.0.1:{}/", server.port);
+    let file = write_config(&dir, &config(&[("acl", good), ("badpw", bad)], "1m"));
+    let app = Autotuner::start(&["--config.file", &file], &[]);
+    app.wait_ready().await;
+    let s = app
+        .scrape_until(Duration::from_secs(5), "both targets reported", |s| {
+            s.value("redis_up", &[("target", "acl")]) == Some(1.0)
+                && s.value("redis_up", &[("target", "badpw")]) == Some(0.0)
+        })
+        .await;
+    let ratio = s
+        .value("redis_memory_usage_ratio", &[("target", "acl")])
+        .unwrap();
+    assert!(ratio > 0.0 && ratio < 0.1, "memory usage ratio {ratio}");
+    let auth = [("kind", "redis"), ("target", "badpw"), ("reason", "auth")];
+    assert_eq!(s.value("autotuner_target_error", &auth), Some(1.0));
+    assert_eq!(
+        s.value(
+            "autotuner_target_error",
+            &[("target", "acl"), ("reason", "auth")]
+        ),
+        Some(0.0)
+    );
+    // A few more runs: still one log line about it, and no password anywhere.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let s = app.scrape().await;
+    let log = app.log.lock().unwrap().join("\n");
+    let complaints = log
+        .lines()
+        .filter(|l| l.contains("Redis unreachable") && l.contains("badpw"))
+        .count();
+    assert_eq!(
+        complaints, 1,
+        "expected one log line for the wrong password:\n{log}"
+    );
+    assert!(log.contains("\"reason\":\"auth\""), "{log}");
+    for secret in ["wrong-pw-9", "mon-pw-3", "admin-pw-7"] {
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the log:\n{log}"
+        );
+        assert!(!s.text.contains(secret), "{secret} leaked into the metrics");
+    }
+}
+
+/// Median of the times of `n` sequential scrapes.
+async fn scrape_median(app: &Autotuner, n: usize) -> Duration {
+    let client = common::client();
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client.get(app.url("/metrics")).send().await.unwrap();
+        r.bytes().await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+#[tokio::test]
+async fn a_dead_then_restarted_server_without_restarting_us() {
+    let Some(mut server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let (app, _dir) = watch_one(&server, "1m").await;
+    let t = [("target", "cache")];
+    let before = scrape_median(&app, 21).await;
+
+    server.kill();
+    let s = app
+        .scrape_until(Duration::from_secs(3), "redis_up 0", |s| {
+            s.value("redis_up", &t) == Some(0.0)
+        })
+        .await;
+    assert_eq!(
+        s.value(
+            "autotuner_target_error",
+            &[("target", "cache"), ("reason", "connect")]
+        ),
+        Some(1.0)
+    );
+    // The collector itself is fine: a dead target is a measurement, not a collector failure.
+    assert_eq!(
+        s.value("autotuner_collector_up", &[("collector", "redis/cache")]),
+        Some(1.0)
+    );
+    let during = scrape_median(&app, 21).await;
+    eprintln!("median scrape: {before:?} with Redis up, {during:?} with Redis down");
+
+    server.restart();
+    app.scrape_until(Duration::from_secs(5), "redis_up back to 1", |s| {
+        s.value("redis_up", &t) == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hung_server_times_out_without_slowing_metrics() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let (app, _dir) = watch_one(&server, "1m").await;
+    let t = [("target", "cache")];
+
+    server.signal("STOP");
+    let s = app
+        .scrape_until(Duration::from_secs(4), "redis_up 0", |s| {
+            s.value("redis_up", &t) == Some(0.0)
+        })
+        .await;
+    assert_eq!(
+        s.value(
+            "autotuner_target_error",
+            &[("target", "cache"), ("reason", "timeout")]
+        ),
+        Some(1.0)
+    );
+    let during = scrape_median(&app, 21).await;
+    eprintln!("median scrape with Redis stopped: {during:?}");
+
+    server.signal("CONT");
+    app.scrape_until(Duration::from_secs(6), "redis_up back to 1", |s| {
+        s.value("redis_up", &t) == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_environment_gives_the_default_target() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let app = Autotuner::start(&[], &[("REDIS_URL", &server.url())]);
+    app.wait_ready().await;
+    app.scrape_until(Duration::from_secs(8), "redis_up for target default", |s| {
+        s.value("redis_up", &[("target", "default")]) == Some(1.0)
+    })
+    .await;
+}
