@@ -10,17 +10,24 @@ use anyhow::Context as _;
 
 use crate::collect::host::HostCollector;
 use crate::collect::http_probe::HttpProbeCollector;
+use crate::collect::pgbouncer::PgBouncerCollector;
+use crate::collect::postgres::{self, PostgresCollector};
 use crate::collect::redis::{self, RedisCollector};
 use crate::collect::{self, Collector as _};
 use crate::http::{self, AppState};
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::shutdown::{self, Signals};
-use crate::targets::RedisHandle;
+use crate::targets::{PgHandle, RedisHandle};
 
 /// How long requests in flight and collectors get to finish after SIGTERM. Service managers
 /// wait 10 s (systemd 90 s) before SIGKILL; 5 s leaves a margin under both.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Connections per PostgreSQL target: one for the collector, one spare so a slow collection
+/// and (later) an action never wait on each other. Two connections is what a monitoring tool
+/// may take from a server whose max_connections is often 100.
+const PG_POOL_SIZE: usize = 2;
 
 /// Runs the exporter until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -54,6 +61,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tasks.push(collect::spawn(
             collector,
             redis.timing,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let pg = &settings.config.postgres;
+    for target in &pg.targets {
+        let handle = PgHandle::new(
+            target,
+            postgres::statement_timeout(pg.timing.timeout),
+            postgres::run_deadline(pg.timing.timeout),
+            PG_POOL_SIZE,
+        )
+        .map_err(|f| anyhow::anyhow!("PostgreSQL target {}: {}", target.name, f.message))?;
+        let collector = PostgresCollector::new(handle, pg.clone());
+        registry.expect_collectors(&[collector.name()]);
+        tasks.push(collect::spawn(
+            collector,
+            pg.timing,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let bouncer = &settings.config.pgbouncer;
+    for target in &bouncer.targets {
+        let collector = PgBouncerCollector::new(target, bouncer.timing.timeout);
+        registry.expect_collectors(&[collector.name()]);
+        tasks.push(collect::spawn(
+            collector,
+            bouncer.timing,
             registry.clone(),
             shutdown.clone(),
         ));

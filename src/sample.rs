@@ -152,6 +152,11 @@ impl Families {
         });
     }
 
+    /// Whether a family of this name has been added.
+    pub fn contains(&self, name: &str) -> bool {
+        self.families.iter().any(|f| f.name == name)
+    }
+
     /// Number of samples over all families.
     pub fn sample_count(&self) -> usize {
         self.families.iter().map(|f| f.samples.len()).sum()

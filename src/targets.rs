@@ -6,9 +6,12 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
-use crate::settings::RedisTarget;
+use crate::settings::Target;
 use crate::settings::secret::SecretUrl;
 
 /// Why a target could not be reached, as a bounded label value (`reason`).
@@ -20,9 +23,20 @@ pub enum FailureReason {
     Auth,
     /// No answer within the deadline.
     Timeout,
+    /// The database named in the URL does not exist.
+    MissingDatabase,
     /// Anything else: a protocol error, an unexpected reply.
     Error,
 }
+
+/// Every reason, for publishing each as 0 or 1.
+pub const FAILURE_REASONS: [FailureReason; 5] = [
+    FailureReason::Connect,
+    FailureReason::Auth,
+    FailureReason::Timeout,
+    FailureReason::MissingDatabase,
+    FailureReason::Error,
+];
 
 impl FailureReason {
     /// The label value.
@@ -31,6 +45,7 @@ impl FailureReason {
             FailureReason::Connect => "connect",
             FailureReason::Auth => "auth",
             FailureReason::Timeout => "timeout",
+            FailureReason::MissingDatabase => "missing_database",
             FailureReason::Error => "error",
         }
     }
@@ -59,7 +74,7 @@ impl RedisHandle {
     /// `redis_up 0`, while Redis is down. `deadline` bounds one command; the connection manager
     /// reconnects at most once per command, so a dead server costs one short timeout per
     /// collection instead of redis-rs's default ten-second retry walk.
-    pub fn new(target: &RedisTarget, deadline: Duration) -> Result<Self, TargetFailure> {
+    pub fn new(target: &Target, deadline: Duration) -> Result<Self, TargetFailure> {
         let failure = |err: redis::RedisError| TargetFailure {
             reason: FailureReason::Error,
             message: target
@@ -109,4 +124,155 @@ impl RedisHandle {
             message: self.url.scrub(&err.to_string()),
         }
     }
+}
+
+/// The `application_name` of our own PostgreSQL sessions: the collectors leave sessions with
+/// this name out of what they report, and operators can see at a glance which are ours.
+pub const PG_APPLICATION_NAME: &str = "autotuner";
+
+/// One PostgreSQL database: a small pool of connections with server-side timeouts.
+#[derive(Clone)]
+pub struct PgHandle {
+    /// The target's name (the `target` label).
+    pub name: String,
+    url: SecretUrl,
+    pool: Pool,
+    /// How long to wait for a connection from the pool or a new one.
+    deadline: Duration,
+}
+
+impl PgHandle {
+    /// Prepares the pool without connecting. Every connection gets `statement_timeout` and
+    /// `lock_timeout` from the server itself, so a query we stop waiting for cannot keep
+    /// running or queue behind a lock; `deadline` bounds connecting and waiting for the pool.
+    pub fn new(
+        target: &Target,
+        statement_timeout: Duration,
+        deadline: Duration,
+        pool_size: usize,
+    ) -> Result<Self, TargetFailure> {
+        let fail = |message: String| TargetFailure {
+            reason: FailureReason::Error,
+            message: target.url.scrub(&message),
+        };
+        let mut config: tokio_postgres::Config = target
+            .url
+            .expose()
+            .parse()
+            .map_err(|err| fail(format!("invalid PostgreSQL URL: {err}")))?;
+        let ms = statement_timeout.as_millis().max(1);
+        let ours = format!("-c statement_timeout={ms} -c lock_timeout={ms}");
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {ours}"),
+            _ => ours,
+        };
+        config
+            .application_name(PG_APPLICATION_NAME)
+            .options(options)
+            .connect_timeout(deadline)
+            // A server that vanishes without closing the connection is noticed within a
+            // minute, not after the kernel's two hours.
+            .keepalives_idle(Duration::from_secs(30))
+            .tcp_user_timeout(Duration::from_secs(30));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A closed connection (server restarted) is replaced on checkout; anything
+                // subtler fails the next query, which the collector reports and retries.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(deadline))
+            .create_timeout(Some(deadline))
+            .recycle_timeout(Some(deadline))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|err| fail(format!("building the connection pool: {err}")))?;
+        Ok(PgHandle {
+            name: target.name.clone(),
+            url: target.url.clone(),
+            pool,
+            deadline,
+        })
+    }
+
+    /// A connection from the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, TargetFailure> {
+        use deadpool_postgres::PoolError;
+        match self.pool.get().await {
+            Ok(client) => Ok(client),
+            Err(PoolError::Backend(err)) => Err(self.failure(&err)),
+            Err(PoolError::Timeout(_)) => Err(TargetFailure {
+                reason: FailureReason::Timeout,
+                message: format!("no connection within {:.1}s", self.deadline.as_secs_f64()),
+            }),
+            Err(err) => Err(TargetFailure {
+                reason: FailureReason::Error,
+                message: self.url.scrub(&err.to_string()),
+            }),
+        }
+    }
+
+    /// The URL, password redacted.
+    pub fn url(&self) -> &SecretUrl {
+        &self.url
+    }
+
+    /// Classifies a tokio-postgres error and scrubs the password from its text.
+    pub fn failure(&self, err: &tokio_postgres::Error) -> TargetFailure {
+        pg_failure(&self.url, err)
+    }
+}
+
+/// Classifies a tokio-postgres error (from PostgreSQL or PgBouncer) and scrubs the password of
+/// `url` from its text.
+pub fn pg_failure(url: &SecretUrl, err: &tokio_postgres::Error) -> TargetFailure {
+    {
+        let reason = match err.code() {
+            Some(c)
+                if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+            {
+                FailureReason::Auth
+            }
+            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => FailureReason::MissingDatabase,
+            Some(c) if *c == SqlState::QUERY_CANCELED || *c == SqlState::LOCK_NOT_AVAILABLE => {
+                FailureReason::Timeout
+            }
+            Some(_) => FailureReason::Error,
+            None if err.is_closed() => FailureReason::Connect,
+            None => {
+                // Connection-level failures carry no SQLSTATE; tell a timeout from the rest
+                // by the cause's text, the only place tokio-postgres says it.
+                let text = error_chain(err);
+                if text.contains("timed out") || text.contains("timeout") {
+                    FailureReason::Timeout
+                } else {
+                    FailureReason::Connect
+                }
+            }
+        };
+        TargetFailure {
+            reason,
+            message: url.scrub(&error_chain(err)),
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Autotuner, RedisServer, write_config};
 
@@ -175,20 +175,6 @@ async fn acl_user_password_and_a_wrong_password() {
     }
 }
 
-/// Median of the times of `n` sequential scrapes.
-async fn scrape_median(app: &Autotuner, n: usize) -> Duration {
-    let client = common::client();
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let r = client.get(app.url("/metrics")).send().await.unwrap();
-        r.bytes().await.unwrap();
-        times.push(t.elapsed());
-    }
-    times.sort();
-    times[n / 2]
-}
-
 #[tokio::test]
 async fn a_dead_then_restarted_server_without_restarting_us() {
     let Some(mut server) = RedisServer::start(&[]) else {
@@ -196,7 +182,7 @@ async fn a_dead_then_restarted_server_without_restarting_us() {
     };
     let (app, _dir) = watch_one(&server, "1m").await;
     let t = [("target", "cache")];
-    let before = scrape_median(&app, 21).await;
+    let before = common::scrape_median(&app, 21).await;
 
     server.kill();
     let s = app
@@ -216,7 +202,7 @@ async fn a_dead_then_restarted_server_without_restarting_us() {
         s.value("autotuner_collector_up", &[("collector", "redis/cache")]),
         Some(1.0)
     );
-    let during = scrape_median(&app, 21).await;
+    let during = common::scrape_median(&app, 21).await;
     eprintln!("median scrape: {before:?} with Redis up, {during:?} with Redis down");
 
     server.restart();
@@ -247,7 +233,7 @@ async fn a_hung_server_times_out_without_slowing_metrics() {
         ),
         Some(1.0)
     );
-    let during = scrape_median(&app, 21).await;
+    let during = common::scrape_median(&app, 21).await;
     eprintln!("median scrape with Redis stopped: {during:?}");
 
     server.signal("CONT");

@@ -86,7 +86,7 @@ async fn probe(client: reqwest::Client, target: HttpTarget) -> Outcome {
     };
     let scrub = |err: reqwest::Error| {
         // reqwest names the URL in its errors; ours may hold credentials.
-        target.url.scrub(&error_chain(&err))
+        target.url.scrub(&crate::targets::error_chain(&err))
     };
     let result = async {
         let mut response = client.request(method, target.url.expose()).send().await?;
@@ -123,19 +123,6 @@ async fn probe(client: reqwest::Client, target: HttpTarget) -> Outcome {
             error: Some(scrub(err)),
         },
     }
-}
-
-/// The error and its causes on one line: reqwest's top-level message alone ("error sending
-/// request") does not say whether the connection was refused or timed out.
-fn error_chain(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl Collector for HttpProbeCollector {

@@ -10,7 +10,10 @@
 
 pub mod host;
 pub mod http_probe;
+pub mod pgbouncer;
+pub mod postgres;
 pub mod redis;
+pub mod window;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use crate::registry::{Attempt, Registry};
 use crate::sample::Families;
 use crate::settings::Timing;
 use crate::shutdown::Shutdown;
+use crate::targets::{FAILURE_REASONS, FailureReason};
 
 /// Why a collection produced nothing. The message must be free of secrets: it reaches logs, the
 /// landing page and the status API.
@@ -37,6 +41,24 @@ pub trait Collector: Send + 'static {
 
     /// Measures once. Must be cancel-safe: the scheduler drops the future at the timeout.
     fn collect(&mut self) -> impl Future<Output = Result<Families, CollectError>> + Send;
+}
+
+/// Publishes `autotuner_target_error{kind,target,reason}`: 1 for the reason the last collection
+/// from the target failed, 0 for every other reason (all of them, so a rule or alert sees the
+/// series go back to 0 rather than disappear).
+pub fn target_error(out: &mut Families, kind: &str, target: &str, failed: Option<FailureReason>) {
+    for reason in FAILURE_REASONS {
+        out.gauge(
+            "autotuner_target_error",
+            "1 when the last collection from the target failed for this reason, else 0.",
+            &[
+                ("kind", kind),
+                ("target", target),
+                ("reason", reason.as_str()),
+            ],
+            if failed == Some(reason) { 1.0 } else { 0.0 },
+        );
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

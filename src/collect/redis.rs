@@ -10,12 +10,13 @@
 //! `autotuner_target_error{kind="redis",target,reason}`. Every command shares one deadline,
 //! shorter than the scheduler's timeout, so that answer is always published.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::sample::{Families, MetricKind};
 use crate::targets::{FailureReason, RedisHandle, TargetFailure};
 
+use super::window::{CounterWindow, share};
 use super::{CollectError, Collector};
 
 /// One INFO field and the metric it becomes.
@@ -192,9 +193,8 @@ pub struct RedisCollector {
     handle: RedisHandle,
     /// Deadline for the whole run, under the scheduler's timeout.
     deadline: Duration,
-    window: Duration,
-    /// `(when, hits, misses)` readings within the window, oldest first.
-    lookups: VecDeque<(Instant, f64, f64)>,
+    /// Keyspace hits and misses within the hit-ratio window.
+    lookups: CounterWindow,
     /// The last failure, to log changes once rather than every run.
     last_failure: Option<FailureReason>,
 }
@@ -206,35 +206,9 @@ impl RedisCollector {
             name: format!("redis/{}", handle.name),
             deadline: run_deadline(timeout),
             handle,
-            window,
-            lookups: VecDeque::new(),
+            lookups: CounterWindow::new(window),
             last_failure: None,
         }
-    }
-
-    /// Records a hits/misses reading and returns the hit ratio over the window, if there was
-    /// any lookup in it.
-    fn hit_ratio(&mut self, now: Instant, hits: f64, misses: f64) -> Option<f64> {
-        // A restart (or CONFIG RESETSTAT) resets the counters: start the window over.
-        if self
-            .lookups
-            .back()
-            .is_some_and(|&(_, h, m)| hits < h || misses < m)
-        {
-            self.lookups.clear();
-        }
-        self.lookups.push_back((now, hits, misses));
-        while self
-            .lookups
-            .front()
-            .is_some_and(|&(t, _, _)| now.duration_since(t) > self.window)
-        {
-            self.lookups.pop_front();
-        }
-        let &(_, h0, m0) = self.lookups.front()?;
-        let lookups = (hits - h0) + (misses - m0);
-        // No lookups in the window: there is no ratio, and 0 or NaN would each be a lie.
-        (self.lookups.len() >= 2 && lookups > 0.0).then(|| (hits - h0) / lookups)
     }
 
     async fn measure(
@@ -318,7 +292,10 @@ impl RedisCollector {
         }
         if let (Some(hits), Some(misses)) =
             (info.number("keyspace_hits"), info.number("keyspace_misses"))
-            && let Some(ratio) = self.hit_ratio(now, hits, misses)
+            && let Some(ratio) = self
+                .lookups
+                .push(now, vec![hits, misses])
+                .and_then(|d| share(d[0], d[1]))
         {
             out.gauge(
                 "redis_cache_hit_ratio",
@@ -430,27 +407,5 @@ mod tests {
                 m.metric
             );
         }
-    }
-
-    #[test]
-    fn hit_ratio_is_windowed_absent_when_quiet_and_survives_resets() {
-        let target = crate::settings::RedisTarget {
-            name: "t".into(),
-            url: crate::settings::secret::SecretUrl::parse("redis://127.0.0.1:1/").unwrap(),
-        };
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let handle =
-            rt.block_on(async { RedisHandle::new(&target, Duration::from_secs(1)).unwrap() });
-        let mut c = RedisCollector::new(handle, Duration::from_secs(4), Duration::from_secs(10));
-        let t0 = Instant::now();
-        let s = Duration::from_secs;
-        assert_eq!(c.hit_ratio(t0, 0.0, 0.0), None, "one reading is no window");
-        assert_eq!(c.hit_ratio(t0 + s(5), 100.0, 300.0), Some(0.25));
-        // Quiet: once the traffic has left the window there is no ratio.
-        assert_eq!(c.hit_ratio(t0 + s(10), 100.0, 300.0), Some(0.25));
-        assert_eq!(c.hit_ratio(t0 + s(16), 100.0, 300.0), None);
-        // A reset (counters went down) starts the window over instead of a negative ratio.
-        assert_eq!(c.hit_ratio(t0 + s(20), 10.0, 0.0), None);
-        assert_eq!(c.hit_ratio(t0 + s(25), 40.0, 10.0), Some(0.75));
     }
 }

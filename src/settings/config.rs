@@ -31,6 +31,10 @@ pub struct Config {
     pub redis: RedisConfig,
     /// The HTTP probes and their targets (none: not probed).
     pub http_probe: ProbeConfig,
+    /// The PostgreSQL collector and its targets (none: not collected).
+    pub postgres: PostgresConfig,
+    /// The PgBouncer collector and its targets (none: not collected).
+    pub pgbouncer: PgBouncerConfig,
     /// How long the in-memory history keeps each series.
     pub history_retention: Duration,
 }
@@ -65,16 +69,45 @@ pub struct RedisConfig {
     /// The window over which `redis_cache_hit_ratio` is computed.
     pub hit_ratio_window: Duration,
     /// The servers to measure.
-    pub targets: Vec<RedisTarget>,
+    pub targets: Vec<Target>,
 }
 
-/// One Redis server.
+/// One monitored service given by URL: a Redis server, a PostgreSQL database, a PgBouncer
+/// admin console.
 #[derive(Debug, Clone)]
-pub struct RedisTarget {
+pub struct Target {
     /// The `target` label.
     pub name: String,
-    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://...` for TLS, or `unix:///path`.
+    /// `redis://…`, `rediss://…`, `unix:///…` or `postgres://user:password@host:port/db?…`.
     pub url: SecretUrl,
+}
+
+/// The PostgreSQL collector's settings.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// When it runs (each target separately).
+    pub timing: Timing,
+    /// A statement whose mean latency over the window exceeds this is slow.
+    pub slow_query_threshold: Duration,
+    /// The window of the latency and cache-hit figures.
+    pub window: Duration,
+    /// How many statements (by total time) get their own series.
+    pub statements_limit: usize,
+    /// Whether those series carry the (normalized, truncated) query text.
+    pub include_query_text: bool,
+    /// Characters of query text kept.
+    pub query_text_length: usize,
+    /// The servers to measure.
+    pub targets: Vec<Target>,
+}
+
+/// The PgBouncer collector's settings.
+#[derive(Debug, Clone)]
+pub struct PgBouncerConfig {
+    /// When it runs (each target separately).
+    pub timing: Timing,
+    /// The admin consoles to read.
+    pub targets: Vec<Target>,
 }
 
 /// The HTTP probe collector's settings.
@@ -141,13 +174,17 @@ struct CollectorsSpec {
     host: HostSpec,
     redis: RedisSpec,
     http_probe: ProbeSpec,
+    postgres: PostgresSpec,
+    pgbouncer: PgBouncerSpec,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct TargetsSpec {
-    redis: Vec<RedisTargetSpec>,
+    redis: Vec<UrlTargetSpec>,
     http: Vec<HttpTargetSpec>,
+    postgres: Vec<UrlTargetSpec>,
+    pgbouncer: Vec<UrlTargetSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,8 +275,54 @@ impl Default for ProbeSpec {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PostgresSpec {
+    interval: HumanDuration,
+    timeout: Option<HumanDuration>,
+    slow_query_threshold: HumanDuration,
+    window: HumanDuration,
+    statements_limit: usize,
+    include_query_text: bool,
+    query_text_length: usize,
+}
+
+impl Default for PostgresSpec {
+    fn default() -> Self {
+        PostgresSpec {
+            interval: HumanDuration(Duration::from_secs(5)),
+            timeout: None,
+            // The documented trigger: slow queries above 100 ms.
+            slow_query_threshold: HumanDuration(Duration::from_millis(100)),
+            window: HumanDuration(Duration::from_secs(60)),
+            // postgres_exporter's default is 100; twenty already names every statement that
+            // matters on a typical service and keeps the series count small.
+            statements_limit: 20,
+            include_query_text: false,
+            query_text_length: 120,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PgBouncerSpec {
+    interval: HumanDuration,
+    timeout: Option<HumanDuration>,
+}
+
+impl Default for PgBouncerSpec {
+    fn default() -> Self {
+        PgBouncerSpec {
+            interval: HumanDuration(Duration::from_secs(5)),
+            timeout: None,
+        }
+    }
+}
+
+/// A named target given by URL (Redis, PostgreSQL, PgBouncer).
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RedisTargetSpec {
+struct UrlTargetSpec {
     name: String,
     url: String,
 }
@@ -386,6 +469,29 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    /// PostgreSQL-protocol targets (PostgreSQL itself, PgBouncer's console) under `targets.KIND`.
+    fn db_targets(&mut self, kind: &str, specs: &[UrlTargetSpec]) -> Vec<Target> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, t) in specs.iter().enumerate() {
+            let path =
+                |f: &str| -> Vec<Seg> { vec!["targets".into(), kind.into(), i.into(), f.into()] };
+            self.target_name(&path("name"), &t.name, &mut seen);
+            if let Some(url) = self.url(&path("url"), &t.url, POSTGRES_SCHEMES) {
+                out.push(Target {
+                    name: t.name.clone(),
+                    url,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// URL schemes of PostgreSQL connection strings.
+pub const POSTGRES_SCHEMES: &[&str] = &["postgres", "postgresql"];
+
 /// URL schemes the Redis client speaks.
 pub const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "unix", "redis+unix"];
 
@@ -433,12 +539,35 @@ impl ConfigSpec {
             };
             c.target_name(&path("name"), &t.name, &mut seen);
             if let Some(url) = c.url(&path("url"), &t.url, REDIS_SCHEMES) {
-                redis_targets.push(RedisTarget {
+                redis_targets.push(Target {
                     name: t.name.clone(),
                     url,
                 });
             }
         }
+
+        let pg = &self.collectors.postgres;
+        let pg_timing = c.timing("postgres", pg.interval, pg.timeout);
+        if pg.statements_limit > 1000 {
+            c.error(
+                &[
+                    "collectors".into(),
+                    "postgres".into(),
+                    "statements_limit".into(),
+                ],
+                "statements_limit must be at most 1000 (each statement is three series)",
+            );
+        }
+        if pg.window.0 < pg.interval.0 * 2 {
+            c.error(
+                &["collectors".into(), "postgres".into(), "window".into()],
+                "window must span at least two collection intervals",
+            );
+        }
+        let pg_targets = c.db_targets("postgres", &self.targets.postgres);
+        let bouncer = &self.collectors.pgbouncer;
+        let bouncer_timing = c.timing("pgbouncer", bouncer.interval, bouncer.timeout);
+        let bouncer_targets = c.db_targets("pgbouncer", &self.targets.pgbouncer);
 
         let p = &self.collectors.http_probe;
         let probe_timing = c.timing("http_probe", p.interval, p.timeout);
@@ -495,10 +624,16 @@ impl ConfigSpec {
         if !http_targets.is_empty() {
             longest = longest.max(probe_timing.interval);
         }
+        if !pg_targets.is_empty() {
+            longest = longest.max(pg_timing.interval).max(pg.window.0);
+        }
+        if !bouncer_targets.is_empty() {
+            longest = longest.max(bouncer_timing.interval);
+        }
         if retention < longest {
             c.error(
                 &retention_path,
-                "retention must be at least the longest collection interval",
+                "retention must be at least the longest collection interval and PostgreSQL window",
             );
         }
 
@@ -531,6 +666,19 @@ impl ConfigSpec {
                         timing: probe_timing,
                         error_ratio_window: p.error_ratio_window.0,
                         targets: http_targets,
+                    },
+                    postgres: PostgresConfig {
+                        timing: pg_timing,
+                        slow_query_threshold: pg.slow_query_threshold.0,
+                        window: pg.window.0,
+                        statements_limit: pg.statements_limit,
+                        include_query_text: pg.include_query_text,
+                        query_text_length: pg.query_text_length,
+                        targets: pg_targets,
+                    },
+                    pgbouncer: PgBouncerConfig {
+                        timing: bouncer_timing,
+                        targets: bouncer_targets,
                     },
                     history_retention: retention,
                 })

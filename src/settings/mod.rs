@@ -23,7 +23,8 @@ pub mod secret;
 
 pub use config::{
     Config, DEFAULT_FS_TYPES_EXCLUDE, DEFAULT_MOUNT_POINTS_EXCLUDE, HostConfig, HttpMethod,
-    HttpTarget, ProbeConfig, REDIS_SCHEMES, RedisConfig, RedisTarget, Timing,
+    HttpTarget, POSTGRES_SCHEMES, PgBouncerConfig, PostgresConfig, ProbeConfig, REDIS_SCHEMES,
+    RedisConfig, Target, Timing,
 };
 use secret::SecretUrl;
 
@@ -244,8 +245,9 @@ impl Config {
 pub const ENV_TARGET_NAME: &str = "default";
 
 /// Adds the targets given by the environment, the way twelve-factor deployments hand them out:
-/// `AUTOTUNER_REDIS_URL` (or `REDIS_URL`) becomes the Redis target named `default`. The
-/// `AUTOTUNER_` variable wins over the generic one.
+/// `AUTOTUNER_REDIS_URL` (or `REDIS_URL`) becomes the Redis target named `default`,
+/// `AUTOTUNER_POSTGRES_URL` (or `DATABASE_URL`) the PostgreSQL one, `AUTOTUNER_PGBOUNCER_URL`
+/// the PgBouncer one. The `AUTOTUNER_` variable wins over the generic one.
 pub fn apply_env_targets(
     config: &mut Config,
     env: impl Fn(&str) -> Option<String>,
@@ -255,37 +257,54 @@ pub fn apply_env_targets(
             .iter()
             .find_map(|n| env(n).filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
     };
-    if let Some((var, value)) = pick(&["AUTOTUNER_REDIS_URL", "REDIS_URL"]) {
+    let add = |names: &[&'static str], schemes: &[&str], what: &str, targets: &mut Vec<Target>| {
+        let Some((var, value)) = pick(names) else {
+            return Ok(());
+        };
         let url = SecretUrl::parse(value.trim())
             .map_err(|message| SettingsError::Env { var, message })?;
-        if !REDIS_SCHEMES.contains(&url.scheme()) {
+        if !schemes.contains(&url.scheme()) {
             return Err(SettingsError::Env {
                 var,
                 message: format!(
                     "URL scheme {:?} is not one of {}",
                     url.scheme(),
-                    REDIS_SCHEMES.join(", ")
+                    schemes.join(", ")
                 ),
             });
         }
-        if config
-            .redis
-            .targets
-            .iter()
-            .any(|t| t.name == ENV_TARGET_NAME)
-        {
+        if targets.iter().any(|t| t.name == ENV_TARGET_NAME) {
             return Err(SettingsError::Env {
                 var,
                 message: format!(
-                    "the configuration file already has a Redis target named {ENV_TARGET_NAME:?}"
+                    "the configuration file already has a {what} target named {ENV_TARGET_NAME:?}"
                 ),
             });
         }
-        config.redis.targets.push(RedisTarget {
+        targets.push(Target {
             name: ENV_TARGET_NAME.to_owned(),
             url,
         });
-    }
+        Ok(())
+    };
+    add(
+        &["AUTOTUNER_REDIS_URL", "REDIS_URL"],
+        REDIS_SCHEMES,
+        "Redis",
+        &mut config.redis.targets,
+    )?;
+    add(
+        &["AUTOTUNER_POSTGRES_URL", "DATABASE_URL"],
+        POSTGRES_SCHEMES,
+        "PostgreSQL",
+        &mut config.postgres.targets,
+    )?;
+    add(
+        &["AUTOTUNER_PGBOUNCER_URL"],
+        POSTGRES_SCHEMES,
+        "PgBouncer",
+        &mut config.pgbouncer.targets,
+    )?;
     Ok(())
 }
 

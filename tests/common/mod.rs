@@ -339,3 +339,189 @@ impl Autotuner {
         }
     }
 }
+
+/// The PostgreSQL and PgBouncer that scripts/test provisions.
+pub struct PgEnv {
+    /// Superuser, database `autotuner_test`: for setting up workloads.
+    pub url: String,
+    /// A `pg_monitor` role: what autotuner connects as.
+    pub monitor_url: String,
+    /// PgBouncer's admin console, as its stats user.
+    pub pgbouncer_url: String,
+    /// A client of PgBouncer's `autotuner_test` pool (size 2).
+    pub pgbouncer_db_url: String,
+    /// PostgreSQL's bin directory, for private clusters.
+    pub bin: String,
+}
+
+impl PgEnv {
+    /// The provisioned servers, or `None` (after saying so) when not running under scripts/test.
+    pub fn get() -> Option<PgEnv> {
+        let var = |n: &str| std::env::var(n).ok();
+        match (
+            var("AUTOTUNER_TEST_PG_URL"),
+            var("AUTOTUNER_TEST_PG_MONITOR_URL"),
+            var("AUTOTUNER_TEST_PGBOUNCER_URL"),
+            var("AUTOTUNER_TEST_PGBOUNCER_DB_URL"),
+            var("AUTOTUNER_TEST_PG_BIN"),
+        ) {
+            (
+                Some(url),
+                Some(monitor_url),
+                Some(pgbouncer_url),
+                Some(pgbouncer_db_url),
+                Some(bin),
+            ) => Some(PgEnv {
+                url,
+                monitor_url,
+                pgbouncer_url,
+                pgbouncer_db_url,
+                bin,
+            }),
+            _ => {
+                assert!(
+                    !strict(),
+                    "AUTOTUNER_TEST_PG_* not set: scripts/test provisions PostgreSQL"
+                );
+                eprintln!("NOT RUN: no provisioned PostgreSQL (run scripts/test)");
+                None
+            }
+        }
+    }
+
+    /// `monitor_url` with another database or password.
+    pub fn monitor_url_with(&self, password: Option<&str>, database: Option<&str>) -> String {
+        let mut u = url::Url::parse(&self.monitor_url).unwrap();
+        if let Some(p) = password {
+            u.set_password(Some(p)).unwrap();
+        }
+        if let Some(d) = database {
+            u.set_path(&format!("/{d}"));
+        }
+        u.to_string()
+    }
+}
+
+/// A plain connection (application_name unset), its connection task spawned.
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Runs a command as the postgres user when we are root (PostgreSQL refuses root).
+pub fn as_postgres(program: &str) -> Command {
+    if rustix::process::geteuid().is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A private PostgreSQL cluster on its own port, for tests that stop and start it.
+pub struct PgCluster {
+    pub port: u16,
+    bin: String,
+    data: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl PgCluster {
+    pub fn start(bin: &str) -> PgCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let is_root = rustix::process::geteuid().is_root();
+        if is_root {
+            assert!(
+                Command::new("chown")
+                    .args(["postgres:", dir.path().to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let out = as_postgres(&format!("{bin}/initdb"))
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {out:?}");
+        let cluster = PgCluster {
+            port: free_port(),
+            bin: bin.to_owned(),
+            data,
+            dir,
+        };
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = as_postgres(&format!("{}/pg_ctl", self.bin))
+            .args(["-D", self.data.to_str().unwrap(), "-w", "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["start", "-o", &opts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {out:?}");
+    }
+
+    pub fn stop(&self) {
+        let _ = as_postgres(&format!("{}/pg_ctl", self.bin))
+            .args([
+                "-D",
+                self.data.to_str().unwrap(),
+                "-w",
+                "-m",
+                "fast",
+                "stop",
+            ])
+            .output();
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Median time of `n` sequential scrapes (printed by the outage tests: timings are measured,
+/// never asserted).
+pub async fn scrape_median(app: &Autotuner, n: usize) -> Duration {
+    let client = client();
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}

@@ -1,0 +1,373 @@
+//! The PostgreSQL and PgBouncer collectors against the real servers scripts/test provisions:
+//! slow statements and mean latency from pg_stat_statements, idle connections (ours left out),
+//! a PgBouncer pool with waiting clients, misconfigured targets, and a statement stuck behind
+//! a lock being cancelled on the server.
+//!
+//! The tests share one server whose statistics are global, so they run one at a time.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use common::{Autotuner, PgEnv, pg_connect, write_config};
+use tokio::sync::Mutex;
+
+static SERIAL: LazyLock<Mutex<()>> = LazyLock::new(|| Mutex::new(()));
+
+fn pg_config(env: &PgEnv, extra_collector: &str, targets: &[(&str, String)]) -> String {
+    let mut text = format!(
+        "collectors:\n  postgres:\n    interval: 1s\n    timeout: 800ms\n    window: 6s\n{extra_collector}  pgbouncer:\n    interval: 1s\n    timeout: 800ms\ntargets:\n  pgbouncer:\n    - name: bouncer\n      url: '{}'\n  postgres:\n",
+        env.pgbouncer_url
+    );
+    for (name, url) in targets {
+        text.push_str(&format!("    - name: {name}\n      url: '{url}'\n"));
+    }
+    text
+}
+
+async fn start(
+    env: &PgEnv,
+    extra: &str,
+    targets: &[(&str, String)],
+) -> (Autotuner, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(&dir, &pg_config(env, extra, targets));
+    let app = Autotuner::start(&["--config.file", &file], &[]);
+    app.wait_ready().await;
+    (app, dir)
+}
+
+const MAIN: [(&str, &str); 1] = [("target", "main")];
+
+#[tokio::test]
+async fn slow_statements_are_counted_and_move_the_mean_fast_ones_do_not() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let admin = pg_connect(&env.url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS big AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 100000) g; \
+             ANALYZE big; SELECT pg_stat_statements_reset();",
+        )
+        .await
+        .unwrap();
+    let (app, _dir) = start(&env, "", &[("main", env.monitor_url.clone())]).await;
+    // Once a baseline exists the collector publishes pg_slow_queries.
+    app.scrape_until(Duration::from_secs(5), "pg_slow_queries", |s| {
+        s.value("pg_slow_queries", &MAIN).is_some()
+    })
+    .await;
+
+    // Fast statements only: trivial queries and an unindexed lookup in 100k rows (~10 ms).
+    for i in 0..30 {
+        admin.query("SELECT $1::int4 + 1", &[&i]).await.unwrap();
+        if i % 10 == 0 {
+            admin
+                .query("SELECT count(*) FROM big WHERE id = $1", &[&i])
+                .await
+                .unwrap();
+        }
+    }
+    let fast = app
+        .scrape_until(
+            Duration::from_secs(5),
+            "a mean over the fast statements",
+            |s| s.value("pg_query_mean_latency_seconds", &MAIN).is_some(),
+        )
+        .await;
+    let fast_mean = fast.value("pg_query_mean_latency_seconds", &MAIN).unwrap();
+    assert!(
+        fast_mean < 0.1,
+        "fast statements gave a mean of {fast_mean}s"
+    );
+    for _ in 0..3 {
+        let s = app.scrape().await;
+        assert_eq!(
+            s.value("pg_slow_queries", &MAIN),
+            Some(0.0),
+            "fast statements counted as slow"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        fast.value("pg_slow_query_threshold_seconds", &MAIN),
+        Some(0.1)
+    );
+    assert_eq!(fast.value("pg_stat_statements_available", &MAIN), Some(1.0));
+
+    // Slow statements: pg_sleep(0.15) and a full scan computing md5 twice per row (~200 ms).
+    for _ in 0..2 {
+        admin.query("SELECT pg_sleep(0.15)", &[]).await.unwrap();
+        admin
+            .query("SELECT count(*) FROM big WHERE md5(md5(v)) = 'x'", &[])
+            .await
+            .unwrap();
+    }
+    let slow = app
+        .scrape_until(Duration::from_secs(5), "two slow statements", |s| {
+            s.value("pg_slow_queries", &MAIN).is_some_and(|n| n >= 2.0)
+        })
+        .await;
+    let slow_mean = slow.value("pg_query_mean_latency_seconds", &MAIN).unwrap();
+    assert!(
+        slow_mean > 2.0 * fast_mean && slow_mean > 0.01,
+        "mean went from {fast_mean}s to {slow_mean}s"
+    );
+    // The top statements by time carry postgres_exporter's counters; ours are not among them.
+    let top = slow.all("pg_stat_statements_seconds_total");
+    assert!(!top.is_empty());
+    assert!(
+        top.iter()
+            .all(|s| s.labels.get("datname") == Some("autotuner_test")),
+        "{:?}",
+        slow.text
+    );
+    let log = app.log.lock().unwrap().join("\n");
+    assert!(!log.contains("unreachable"), "{log}");
+
+    // Once the slow statements leave the 6 s window, they are no longer counted.
+    app.scrape_until(
+        Duration::from_secs(12),
+        "the slow statements to age out",
+        |s| s.value("pg_slow_queries", &MAIN) == Some(0.0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_counted_and_ours_are_not() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let (app, _dir) = start(&env, "", &[("main", env.monitor_url.clone())]).await;
+    let idle = [
+        ("target", "main"),
+        ("datname", "autotuner_test"),
+        ("state", "idle"),
+    ];
+    let before = app
+        .scrape_until(Duration::from_secs(5), "activity", |s| {
+            s.value("pg_stat_activity_count", &idle).is_some()
+        })
+        .await;
+    let idle_before = before.value("pg_stat_activity_count", &idle).unwrap();
+
+    let mut extra = Vec::new();
+    for _ in 0..5 {
+        extra.push(pg_connect(&env.url).await);
+    }
+    let after = app
+        .scrape_until(Duration::from_secs(5), "five more idle connections", |s| {
+            s.value("pg_stat_activity_count", &idle) == Some(idle_before + 5.0)
+        })
+        .await;
+    // An independent count, by the test, of every client connection except autotuner's.
+    let checker = &extra[0];
+    let row = checker
+        .query_one(
+            "SELECT count(*) FILTER (WHERE application_name IS DISTINCT FROM 'autotuner')::float8, \
+             count(*) FILTER (WHERE application_name = 'autotuner')::float8 \
+             FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (others, ours): (f64, f64) = (row.get(0), row.get(1));
+    assert!(
+        ours >= 1.0,
+        "autotuner's own session should exist to be left out"
+    );
+    // The checker's own query is active while it counts; at scrape time it was idle.
+    let in_use = after.value("pg_connections_in_use", &MAIN).unwrap();
+    assert_eq!(
+        in_use, others,
+        "ours excluded: {ours} of ours, {others} others"
+    );
+    let ratio = after.value("pg_connections_usage_ratio", &MAIN).unwrap();
+    // max_connections 40 less 3 superuser-reserved slots.
+    assert!(
+        (ratio - in_use / 37.0).abs() < 1e-9,
+        "ratio {ratio} for {in_use} in use"
+    );
+    drop(extra);
+    app.scrape_until(Duration::from_secs(5), "the idle connections gone", |s| {
+        s.value("pg_stat_activity_count", &idle) == Some(idle_before)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pgbouncer_pool_of_two_with_five_slow_clients() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let (app, _dir) = start(&env, "", &[]).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let url = env.pgbouncer_db_url.clone();
+        clients.push(tokio::spawn(async move {
+            let c = pg_connect(&url).await;
+            c.simple_query("SELECT pg_sleep(3)").await.unwrap();
+        }));
+    }
+    let pool = [
+        ("target", "bouncer"),
+        ("database", "autotuner_test"),
+        ("user", "postgres"),
+    ];
+    let s = app
+        .scrape_until(Duration::from_secs(5), "three waiting clients", |s| {
+            s.value("pgbouncer_clients_waiting", &pool) == Some(3.0)
+        })
+        .await;
+    assert_eq!(s.value("pgbouncer_pool_usage_ratio", &pool), Some(1.0));
+    assert_eq!(
+        s.value("pgbouncer_pools_server_active_connections", &pool),
+        Some(2.0)
+    );
+    assert_eq!(
+        s.value("pgbouncer_pools_client_active_connections", &pool),
+        Some(2.0)
+    );
+    assert_eq!(s.value("pgbouncer_up", &[("target", "bouncer")]), Some(1.0));
+    for c in clients {
+        c.await.unwrap();
+    }
+    let s = app
+        .scrape_until(Duration::from_secs(12), "the queue drained", |s| {
+            s.value("pgbouncer_clients_waiting", &pool) == Some(0.0)
+                && s.value("pgbouncer_pools_client_maxwait_seconds", &pool) == Some(0.0)
+        })
+        .await;
+    assert!(
+        s.value(
+            "pgbouncer_stats_client_wait_seconds_total",
+            &[("target", "bouncer"), ("database", "autotuner_test")]
+        )
+        .unwrap()
+            > 1.0
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_missing_database_and_missing_extension() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let targets = [
+        ("badpw", env.monitor_url_with(Some("not-the-pw-41"), None)),
+        ("nodb", env.monitor_url_with(None, Some("no_such_db"))),
+        // The `postgres` database has no pg_stat_statements extension.
+        ("noext", env.monitor_url_with(None, Some("postgres"))),
+    ];
+    let (app, _dir) = start(&env, "", &targets).await;
+    let s = app
+        .scrape_until(Duration::from_secs(5), "all three reported", |s| {
+            s.value("pg_up", &[("target", "noext")]) == Some(1.0)
+                && s.value("pg_up", &[("target", "badpw")]) == Some(0.0)
+                && s.value("pg_up", &[("target", "nodb")]) == Some(0.0)
+        })
+        .await;
+    let err = |t: &str, r: &str| {
+        s.value(
+            "autotuner_target_error",
+            &[("kind", "postgres"), ("target", t), ("reason", r)],
+        )
+    };
+    assert_eq!(err("badpw", "auth"), Some(1.0));
+    assert_eq!(err("nodb", "missing_database"), Some(1.0));
+    assert_eq!(err("noext", "error"), Some(0.0));
+    assert_eq!(
+        s.value("pg_stat_statements_available", &[("target", "noext")]),
+        Some(0.0)
+    );
+    assert!(s.value("pg_slow_queries", &[("target", "noext")]).is_none());
+    // Still one line each after several runs, and no password anywhere.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let s = app.scrape().await;
+    let log = app.log.lock().unwrap().join("\n");
+    let count = |needle: &str, target: &str| {
+        log.lines()
+            .filter(|l| l.contains(needle) && l.contains(target))
+            .count()
+    };
+    assert_eq!(count("PostgreSQL unreachable", "badpw"), 1, "{log}");
+    assert_eq!(count("PostgreSQL unreachable", "nodb"), 1, "{log}");
+    assert_eq!(
+        count("pg_stat_statements is not installed", "noext"),
+        1,
+        "{log}"
+    );
+    for secret in ["not-the-pw-41", "autotuner-test-monitor-pw"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        assert!(!s.text.contains(secret), "{secret} in the metrics");
+    }
+}
+
+#[tokio::test]
+async fn a_statement_stuck_behind_a_lock_is_cancelled_on_the_server() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let (app, _dir) = start(&env, "", &[("main", env.monitor_url.clone())]).await;
+    app.scrape_until(Duration::from_secs(5), "statements read", |s| {
+        s.value("pg_stat_statements_available", &MAIN) == Some(1.0)
+    })
+    .await;
+    let mut holder = pg_connect(&env.url).await;
+    let tx = holder.transaction().await.unwrap();
+    // Our check of pg_extension now waits for this lock, every run.
+    tx.batch_execute("LOCK TABLE pg_catalog.pg_extension IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let s = app
+        .scrape_until(Duration::from_secs(5), "the timeout reported", |s| {
+            s.value(
+                "autotuner_target_error",
+                &[("target", "main"), ("reason", "timeout")],
+            ) == Some(1.0)
+        })
+        .await;
+    // Still connected, and the other views still read.
+    assert_eq!(s.value("pg_up", &MAIN), Some(1.0));
+    assert!(s.value("pg_connections_in_use", &MAIN).is_some());
+    // Watch for three seconds: a waiting query of ours never gets older
+    // than its statement_timeout (800 ms × 0.9 / 4 = 180 ms) plus scheduling slack. Without the
+    // cancellation it would wait as long as the lock is held.
+    // (From a second connection: inside the holder's transaction pg_stat_activity is a
+    // snapshot taken once.)
+    let watcher = pg_connect(&env.url).await;
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    let mut oldest: f64 = 0.0;
+    let mut seen_waiting = false;
+    while Instant::now() < watch_until {
+        let row = watcher
+            .query_one(
+                "SELECT COALESCE(max(EXTRACT(EPOCH FROM clock_timestamp() - query_start)), 0)::float8, count(*)::int8 \
+                 FROM pg_stat_activity WHERE application_name = 'autotuner' AND state = 'active' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        oldest = oldest.max(row.get(0));
+        seen_waiting |= row.get::<_, i64>(1) > 0;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen_waiting,
+        "our query never waited on the lock: the test did not test anything"
+    );
+    assert!(
+        oldest < 0.6,
+        "a query of ours waited {oldest}s behind the lock"
+    );
+    tx.commit().await.unwrap();
+    app.scrape_until(Duration::from_secs(5), "recovery after the lock", |s| {
+        s.value(
+            "autotuner_target_error",
+            &[("target", "main"), ("reason", "timeout")],
+        ) == Some(0.0)
+            && s.value("pg_stat_statements_available", &MAIN) == Some(1.0)
+    })
+    .await;
+    let _ = holder.simple_query("SELECT 1").await;
+    drop(holder);
+}
