@@ -81,7 +81,23 @@ impl RedisHandle {
                 .url
                 .scrub(&format!("preparing the Redis client: {err}")),
         };
-        let client = redis::Client::open(target.url.expose()).map_err(failure)?;
+        let client = match &target.tls_ca_file {
+            None => redis::Client::open(target.url.expose()).map_err(failure)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|err| TargetFailure {
+                    reason: FailureReason::Error,
+                    message: format!("reading tls_ca_file {}: {err}", path.display()),
+                })?;
+                redis::Client::build_with_tls(
+                    target.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(failure)?
+            }
+        };
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))

@@ -255,3 +255,123 @@ async fn the_environment_gives_the_default_target() {
     })
     .await;
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
+fn make_certs(dir: &std::path::Path) -> bool {
+    if common::require("openssl").is_none() {
+        return false;
+    }
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=autotuner test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    true
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    if !make_certs(certs.path()) {
+        return;
+    }
+    let file = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (file("server.pem"), file("server.key"), file("ca.pem"));
+    let Some(server) = RedisServer::start(&[
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "collectors:\n  redis:\n    interval: 1s\n    timeout: 800ms\ntargets:\n  redis:\n\
+         \x20   - {{name: tls, url: 'rediss://127.0.0.1:{p}/', tls_ca_file: '{ca}'}}\n\
+         \x20   - {{name: untrusted, url: 'rediss://127.0.0.1:{p}/'}}\n\
+         \x20   - {{name: plain, url: 'redis://127.0.0.1:{p}/'}}\n",
+        p = server.port
+    );
+    let config = write_config(&dir, &text);
+    let app = Autotuner::start(&["--config.file", &config], &[]);
+    app.wait_ready().await;
+    // Trusted through the CA file: up. Without it the certificate is unknown, and plain TCP to a
+    // TLS port gets no Redis answer: both down, neither crashes anything.
+    let s = app
+        .scrape_until(Duration::from_secs(5), "the TLS target up", |s| {
+            s.value("redis_up", &[("target", "tls")]) == Some(1.0)
+                && s.value("redis_up", &[("target", "untrusted")]) == Some(0.0)
+                && s.value("redis_up", &[("target", "plain")]) == Some(0.0)
+        })
+        .await;
+    assert!(
+        s.value("redis_memory_used_bytes", &[("target", "tls")])
+            .unwrap()
+            > 0.0
+    );
+}

@@ -8,6 +8,7 @@
 TEST_PACKAGES=(
   "promtool:prometheus"
   "curl:curl"
+  "openssl:openssl"
   "redis-server:redis-server"
   "pg_config:postgresql-15"
   "/usr/share/postgresql/15/extension/hypopg.control:postgresql-15-hypopg"

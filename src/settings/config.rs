@@ -80,6 +80,8 @@ pub struct Target {
     pub name: String,
     /// `redis://…`, `rediss://…`, `unix:///…` or `postgres://user:password@host:port/db?…`.
     pub url: SecretUrl,
+    /// The CA that signed a `rediss://` server's certificate, when not in the system store.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// The PostgreSQL collector's settings.
@@ -325,6 +327,10 @@ impl Default for PgBouncerSpec {
 struct UrlTargetSpec {
     name: String,
     url: String,
+    /// PEM file of the CA that signed the server's certificate (Redis over TLS only); without
+    /// it the system's trust store is used.
+    #[serde(default)]
+    tls_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -470,20 +476,33 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
-    /// PostgreSQL-protocol targets (PostgreSQL itself, PgBouncer's console) under `targets.KIND`.
-    fn db_targets(&mut self, kind: &str, specs: &[UrlTargetSpec]) -> Vec<Target> {
+    /// The targets under `targets.KIND`, with URLs of one of `schemes`.
+    fn url_targets(
+        &mut self,
+        kind: &str,
+        specs: &[UrlTargetSpec],
+        schemes: &[&str],
+    ) -> Vec<Target> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for (i, t) in specs.iter().enumerate() {
             let path =
                 |f: &str| -> Vec<Seg> { vec!["targets".into(), kind.into(), i.into(), f.into()] };
             self.target_name(&path("name"), &t.name, &mut seen);
-            if let Some(url) = self.url(&path("url"), &t.url, POSTGRES_SCHEMES) {
-                out.push(Target {
-                    name: t.name.clone(),
-                    url,
-                });
+            let Some(url) = self.url(&path("url"), &t.url, schemes) else {
+                continue;
+            };
+            if t.tls_ca_file.is_some() && url.scheme() != "rediss" {
+                self.error(
+                    &path("tls_ca_file"),
+                    "tls_ca_file applies to rediss:// (Redis over TLS) URLs only",
+                );
             }
+            out.push(Target {
+                name: t.name.clone(),
+                url,
+                tls_ca_file: t.tls_ca_file.as_ref().map(std::path::PathBuf::from),
+            });
         }
         out
     }
@@ -531,20 +550,7 @@ impl ConfigSpec {
 
         let r = &self.collectors.redis;
         let redis_timing = c.timing("redis", r.interval, r.timeout);
-        let mut seen = HashSet::new();
-        let mut redis_targets = Vec::new();
-        for (i, t) in self.targets.redis.iter().enumerate() {
-            let path = |f: &str| -> Vec<Seg> {
-                vec!["targets".into(), "redis".into(), i.into(), f.into()]
-            };
-            c.target_name(&path("name"), &t.name, &mut seen);
-            if let Some(url) = c.url(&path("url"), &t.url, REDIS_SCHEMES) {
-                redis_targets.push(Target {
-                    name: t.name.clone(),
-                    url,
-                });
-            }
-        }
+        let redis_targets = c.url_targets("redis", &self.targets.redis, REDIS_SCHEMES);
 
         let pg = &self.collectors.postgres;
         let pg_timing = c.timing("postgres", pg.interval, pg.timeout);
@@ -564,10 +570,10 @@ impl ConfigSpec {
                 "window must span at least two collection intervals",
             );
         }
-        let pg_targets = c.db_targets("postgres", &self.targets.postgres);
+        let pg_targets = c.url_targets("postgres", &self.targets.postgres, POSTGRES_SCHEMES);
         let bouncer = &self.collectors.pgbouncer;
         let bouncer_timing = c.timing("pgbouncer", bouncer.interval, bouncer.timeout);
-        let bouncer_targets = c.db_targets("pgbouncer", &self.targets.pgbouncer);
+        let bouncer_targets = c.url_targets("pgbouncer", &self.targets.pgbouncer, POSTGRES_SCHEMES);
 
         let p = &self.collectors.http_probe;
         let probe_timing = c.timing("http_probe", p.interval, p.timeout);

@@ -284,6 +284,7 @@ pub fn apply_env_targets(
         targets.push(Target {
             name: ENV_TARGET_NAME.to_owned(),
             url,
+            tls_ca_file: None,
         });
         Ok(())
     };

@@ -229,7 +229,8 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one, or `None` (after saying so) when redis-server is not installed.
+    /// Starts one, or `None` (after saying so) when redis-server is not installed. `{port}` in
+    /// an argument is replaced by the server's port.
     pub fn start(args: &[&str]) -> Option<RedisServer> {
         require("redis-server")?;
         let mut server = RedisServer {
@@ -259,7 +260,11 @@ impl RedisServer {
                 "--dir",
                 self.dir.path().to_str().unwrap(),
             ])
-            .args(&self.args)
+            .args(
+                self.args
+                    .iter()
+                    .map(|a| a.replace("{port}", &self.port.to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
