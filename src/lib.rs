@@ -39,6 +39,7 @@ pub mod app;
 pub mod collect;
 pub mod http;
 pub mod registry;
+pub mod rules;
 pub mod sample;
 pub mod settings;
 pub mod shutdown;

@@ -237,6 +237,51 @@ impl Registry {
         out
     }
 
+    /// Every stored series accepted by `keep(name, labels)` (with `name` given, only that
+    /// metric's), with its points in `[start_ms, end_ms]`; series without points there are left
+    /// out. The read side of the history for the rule engine.
+    pub fn select(
+        &self,
+        name: Option<&str>,
+        keep: impl Fn(&str, &Labels) -> bool,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(String, Labels, Vec<Point>)> {
+        let history = lock(&self.history);
+        let names: Vec<&String> = match name {
+            Some(n) => history
+                .by_name
+                .get_key_value(n)
+                .map(|(k, _)| k)
+                .into_iter()
+                .collect(),
+            None => history.by_name.keys().collect(),
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let Some(sets) = history.by_name.get(n) else {
+                continue;
+            };
+            for labels in sets {
+                if !keep(n, labels) {
+                    continue;
+                }
+                let Some(points) = history.series.get(&(n.clone(), labels.clone())) else {
+                    continue;
+                };
+                let selected: Vec<Point> = points
+                    .iter()
+                    .filter(|p| p.t_ms >= start_ms && p.t_ms <= end_ms)
+                    .copied()
+                    .collect();
+                if !selected.is_empty() {
+                    out.push((n.clone(), labels.clone(), selected));
+                }
+            }
+        }
+        out
+    }
+
     /// Series and points held in the history (also published as self-metrics).
     pub fn history_size(&self) -> (usize, usize) {
         let history = lock(&self.history);

@@ -1,0 +1,576 @@
+//! Evaluation of a checked expression at one instant, with Prometheus's semantics for
+//! selectors (lookback, staleness), vector matching, name dropping and aggregation.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use promql_parser::label::{MatchOp, Matcher};
+use promql_parser::parser::token::{
+    T_ADD, T_ATAN2, T_AVG, T_COUNT, T_DIV, T_EQLC, T_GTE, T_GTR, T_LAND, T_LOR, T_LSS, T_LTE,
+    T_LUNLESS, T_MAX, T_MIN, T_MOD, T_MUL, T_NEQ, T_POW, T_SUB, T_SUM, TokenType,
+};
+use promql_parser::parser::{
+    AggregateExpr, BinModifier, BinaryExpr, Expr, LabelModifier, Offset, VectorMatchCardinality,
+    VectorSelector,
+};
+
+use super::{LOOKBACK, NAME, Query, SeriesSource, functions};
+use crate::registry::{Point, is_stale_marker};
+use crate::sample::Labels;
+
+/// One element of an instant vector: a label set (with `__name__` when kept) and a value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The labels, `__name__` included when the operation keeps it.
+    pub labels: Labels,
+    /// The value.
+    pub value: f64,
+}
+
+/// What an expression evaluates to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A single number.
+    Scalar(f64),
+    /// An instant vector.
+    Vector(Vec<Sample>),
+    /// A range vector: each series' points within the range (only as a function argument).
+    Matrix(Vec<(Labels, Vec<Point>)>),
+}
+
+/// Evaluates queries at one instant against one source.
+pub struct Evaluator<'a, S: SeriesSource> {
+    source: &'a S,
+    /// The evaluation time, in milliseconds since the epoch.
+    t_ms: i64,
+}
+
+impl<'a, S: SeriesSource> Evaluator<'a, S> {
+    /// An evaluator at `t_ms`.
+    pub fn new(source: &'a S, t_ms: i64) -> Self {
+        Evaluator { source, t_ms }
+    }
+
+    /// Evaluates `query`. Errors are Prometheus's run-time errors (such as a many-to-many match
+    /// or a result with two identical label sets).
+    pub fn eval(&self, query: &Query) -> Result<Value, String> {
+        match self.expr(query.expr())? {
+            Value::Matrix(_) => Err("a range vector cannot be the result of a condition".into()),
+            v => Ok(v),
+        }
+    }
+
+    pub(super) fn t_ms(&self) -> i64 {
+        self.t_ms
+    }
+
+    pub(super) fn expr(&self, expr: &Expr) -> Result<Value, String> {
+        match expr {
+            Expr::NumberLiteral(n) => Ok(Value::Scalar(n.val)),
+            Expr::Paren(p) => self.expr(&p.expr),
+            Expr::Unary(u) => match self.expr(&u.expr)? {
+                Value::Scalar(v) => Ok(Value::Scalar(-v)),
+                Value::Vector(v) => Ok(Value::Vector(unique(
+                    v.into_iter()
+                        .map(|s| Sample {
+                            labels: drop_name(&s.labels),
+                            value: -s.value,
+                        })
+                        .collect(),
+                )?)),
+                Value::Matrix(_) => Err("unary minus needs a scalar or an instant vector".into()),
+            },
+            Expr::VectorSelector(vs) => Ok(Value::Vector(self.instant(vs))),
+            Expr::MatrixSelector(ms) => Ok(Value::Matrix(self.range(&ms.vs, ms.range))),
+            Expr::Binary(b) => self.binary(b),
+            Expr::Aggregate(a) => self.aggregate(a),
+            Expr::Call(c) => functions::call(self, c),
+            _ => Err("unsupported expression".into()),
+        }
+    }
+
+    /// The evaluation time shifted by the selector's offset.
+    fn at(&self, vs: &VectorSelector) -> i64 {
+        match &vs.offset {
+            Some(Offset::Pos(d)) => self.t_ms - ms(*d),
+            Some(Offset::Neg(d)) => self.t_ms + ms(*d),
+            None => self.t_ms,
+        }
+    }
+
+    /// An instant selector: each series' newest sample in `(t - 5m, t]`, unless that sample is
+    /// a stale marker (the series ended).
+    fn instant(&self, vs: &VectorSelector) -> Vec<Sample> {
+        let t = self.at(vs);
+        let start = t - ms(LOOKBACK) + 1;
+        self.source
+            .select(&matchers(vs), start, t)
+            .into_iter()
+            .filter_map(|(labels, points)| {
+                let last = points
+                    .iter()
+                    .rev()
+                    .find(|p| p.t_ms >= start && p.t_ms <= t)?;
+                (!is_stale_marker(last.v)).then_some(Sample {
+                    labels,
+                    value: last.v,
+                })
+            })
+            .collect()
+    }
+
+    /// A range selector: each series' samples in `(t - range, t]`, stale markers left out.
+    pub(super) fn range(&self, vs: &VectorSelector, range: Duration) -> Vec<(Labels, Vec<Point>)> {
+        let t = self.at(vs);
+        let start = t - ms(range) + 1;
+        self.source
+            .select(&matchers(vs), start, t)
+            .into_iter()
+            .filter_map(|(labels, points)| {
+                let kept: Vec<Point> = points
+                    .into_iter()
+                    .filter(|p| p.t_ms >= start && p.t_ms <= t && !is_stale_marker(p.v))
+                    .collect();
+                (!kept.is_empty()).then_some((labels, kept))
+            })
+            .collect()
+    }
+
+    fn binary(&self, b: &BinaryExpr) -> Result<Value, String> {
+        let lhs = self.expr(&b.lhs)?;
+        let rhs = self.expr(&b.rhs)?;
+        let op = b.op;
+        let return_bool = b.modifier.as_ref().is_some_and(|m| m.return_bool);
+        match (lhs, rhs) {
+            (Value::Scalar(l), Value::Scalar(r)) => {
+                let (v, keep) = scalar_op(op, l, r)?;
+                if op.is_comparison_operator() {
+                    // The parser only lets a scalar comparison through with `bool`.
+                    Ok(Value::Scalar(if keep { 1.0 } else { 0.0 }))
+                } else {
+                    Ok(Value::Scalar(v))
+                }
+            }
+            (Value::Vector(v), Value::Scalar(s)) => vector_scalar(op, v, s, false, return_bool),
+            (Value::Scalar(s), Value::Vector(v)) => vector_scalar(op, v, s, true, return_bool),
+            (Value::Vector(l), Value::Vector(r)) => vector_vector(op, l, r, b.modifier.as_ref()),
+            _ => Err(format!("operator `{op}` needs scalars or instant vectors")),
+        }
+    }
+
+    fn aggregate(&self, a: &AggregateExpr) -> Result<Value, String> {
+        let Value::Vector(input) = self.expr(&a.expr)? else {
+            return Err(format!("`{}` needs an instant vector", a.op));
+        };
+        let id = a.op.id();
+        let mut groups: Vec<(Labels, Group)> = Vec::new();
+        let mut index: HashMap<Labels, usize> = HashMap::new();
+        for s in input {
+            let key = grouping(&s.labels, a.modifier.as_ref());
+            let i = *index.entry(key.clone()).or_insert_with(|| {
+                groups.push((key, Group::default()));
+                groups.len() - 1
+            });
+            groups[i].1.add(s.value);
+        }
+        let out = groups
+            .into_iter()
+            .map(|(labels, g)| {
+                let value = match id {
+                    T_SUM => g.sum(),
+                    T_AVG => g.mean.value(),
+                    T_MIN => g.min,
+                    T_MAX => g.max,
+                    T_COUNT => g.count,
+                    _ => f64::NAN,
+                };
+                Sample { labels, value }
+            })
+            .collect();
+        Ok(Value::Vector(out))
+    }
+}
+
+/// Running state of one aggregation group.
+#[derive(Debug)]
+struct Group {
+    sum: f64,
+    /// Kahan-Neumaier compensation, as Prometheus sums.
+    c: f64,
+    count: f64,
+    min: f64,
+    max: f64,
+    mean: Mean,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Group {
+            sum: 0.0,
+            c: 0.0,
+            count: 0.0,
+            min: f64::NAN,
+            max: f64::NAN,
+            mean: Mean::default(),
+        }
+    }
+}
+
+/// Prometheus's mean: a compensated sum divided at the end, switching to an incremental mean
+/// once the sum would overflow (so the mean of huge values stays finite).
+#[derive(Debug, Default)]
+pub(super) struct Mean {
+    sum: f64,
+    c: f64,
+    count: f64,
+    incremental: bool,
+    mean: f64,
+}
+
+impl Mean {
+    pub(super) fn add(&mut self, v: f64) {
+        if self.count == 0.0 {
+            // The first value starts the sum as it is, as in Prometheus.
+            (self.sum, self.count) = (v, 1.0);
+            return;
+        }
+        self.count += 1.0;
+        if !self.incremental {
+            let (sum, c) = kahan_inc(v, self.sum, self.c);
+            if !sum.is_infinite() {
+                (self.sum, self.c) = (sum, c);
+                return;
+            }
+            self.incremental = true;
+            self.mean = self.sum / (self.count - 1.0);
+            self.c /= self.count - 1.0;
+        }
+        if self.mean.is_infinite() {
+            if v.is_infinite() && (self.mean > 0.0) == (v > 0.0) {
+                return;
+            }
+            if !v.is_infinite() && !v.is_nan() {
+                return;
+            }
+        }
+        let current = self.mean + self.c;
+        (self.mean, self.c) = kahan_inc(v / self.count - current / self.count, self.mean, self.c);
+    }
+
+    pub(super) fn value(&self) -> f64 {
+        if self.incremental {
+            self.mean + self.c
+        } else {
+            (self.sum + self.c) / self.count
+        }
+    }
+}
+
+impl Group {
+    fn add(&mut self, v: f64) {
+        self.mean.add(v);
+        (self.sum, self.c) = kahan_inc(v, self.sum, self.c);
+        self.count += 1.0;
+        // NaN loses to any number, as in Prometheus's min and max.
+        if v < self.min || self.min.is_nan() {
+            self.min = v;
+        }
+        if v > self.max || self.max.is_nan() {
+            self.max = v;
+        }
+    }
+
+    fn sum(&self) -> f64 {
+        if self.sum.is_infinite() {
+            self.sum
+        } else {
+            self.sum + self.c
+        }
+    }
+}
+
+/// One step of Kahan-Neumaier summation (Prometheus's `kahanSumInc`).
+pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
+    let t = sum + inc;
+    let c = if t.is_infinite() {
+        0.0
+    } else if sum.abs() >= inc.abs() {
+        c + ((sum - t) + inc)
+    } else {
+        c + ((inc - t) + sum)
+    };
+    (t, c)
+}
+
+/// The group of a sample under `by`/`without` (no modifier: one group of everything).
+fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
+    match modifier {
+        None => Labels::empty(),
+        Some(LabelModifier::Include(keep)) => Labels::new(
+            labels
+                .iter()
+                .filter(|(k, _)| keep.labels.iter().any(|l| l == k)),
+        ),
+        Some(LabelModifier::Exclude(drop)) => Labels::new(
+            labels
+                .iter()
+                .filter(|(k, _)| *k != NAME && !drop.labels.iter().any(|l| l == k)),
+        ),
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The selector's matchers, with the metric name as a `__name__` matcher.
+fn matchers(vs: &VectorSelector) -> Vec<Matcher> {
+    let mut m = vs.matchers.matchers.clone();
+    if let Some(name) = &vs.name
+        && !m.iter().any(|x| x.name == NAME)
+    {
+        m.push(Matcher::new(MatchOp::Equal, NAME, name));
+    }
+    m
+}
+
+/// `labels` without `__name__`.
+pub(super) fn drop_name(labels: &Labels) -> Labels {
+    if labels.get(NAME).is_none() {
+        return labels.clone();
+    }
+    Labels::new(labels.iter().filter(|(k, _)| *k != NAME))
+}
+
+/// Refuses a vector in which two samples have the same labels (after a name was dropped).
+pub(super) fn unique(v: Vec<Sample>) -> Result<Vec<Sample>, String> {
+    let mut seen = HashSet::with_capacity(v.len());
+    for s in &v {
+        if !seen.insert(&s.labels) {
+            return Err("vector cannot contain metrics with the same labelset".into());
+        }
+    }
+    Ok(v)
+}
+
+/// Applies an arithmetic or comparison operator: the value, and for comparisons whether it held.
+fn scalar_op(op: TokenType, l: f64, r: f64) -> Result<(f64, bool), String> {
+    Ok(match op.id() {
+        T_ADD => (l + r, true),
+        T_SUB => (l - r, true),
+        T_MUL => (l * r, true),
+        T_DIV => (l / r, true),
+        T_MOD => (l % r, true),
+        T_POW => (l.powf(r), true),
+        T_ATAN2 => (l.atan2(r), true),
+        T_EQLC => (l, l == r),
+        T_NEQ => (l, l != r),
+        T_GTR => (l, l > r),
+        T_LSS => (l, l < r),
+        T_GTE => (l, l >= r),
+        T_LTE => (l, l <= r),
+        _ => return Err(format!("operator `{op}` is not defined between numbers")),
+    })
+}
+
+fn vector_scalar(
+    op: TokenType,
+    v: Vec<Sample>,
+    s: f64,
+    scalar_left: bool,
+    return_bool: bool,
+) -> Result<Value, String> {
+    if op.is_set_operator() {
+        return Err(format!(
+            "set operator `{op}` not allowed between a vector and a scalar"
+        ));
+    }
+    let comparison = op.is_comparison_operator();
+    let mut out = Vec::with_capacity(v.len());
+    for sample in v {
+        let (l, r) = if scalar_left {
+            (s, sample.value)
+        } else {
+            (sample.value, s)
+        };
+        let (value, keep) = scalar_op(op, l, r)?;
+        if comparison {
+            if return_bool {
+                out.push(Sample {
+                    labels: drop_name(&sample.labels),
+                    value: if keep { 1.0 } else { 0.0 },
+                });
+            } else if keep {
+                // A comparison filters, and always keeps the vector's value.
+                out.push(sample);
+            }
+        } else {
+            out.push(Sample {
+                labels: drop_name(&sample.labels),
+                value,
+            });
+        }
+    }
+    Ok(Value::Vector(unique(out)?))
+}
+
+/// The labels a vector match compares: the `on` list, or everything but the `ignoring` list and
+/// the metric name.
+fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> Labels {
+    match modifier.and_then(|m| m.matching.as_ref()) {
+        Some(LabelModifier::Include(on)) => Labels::new(
+            labels
+                .iter()
+                .filter(|(k, _)| on.labels.iter().any(|l| l == k)),
+        ),
+        Some(LabelModifier::Exclude(ignoring)) => Labels::new(
+            labels
+                .iter()
+                .filter(|(k, _)| *k != NAME && !ignoring.labels.iter().any(|l| l == k)),
+        ),
+        None => drop_name(labels),
+    }
+}
+
+fn vector_vector(
+    op: TokenType,
+    lhs: Vec<Sample>,
+    rhs: Vec<Sample>,
+    modifier: Option<&BinModifier>,
+) -> Result<Value, String> {
+    match op.id() {
+        T_LAND => {
+            let right: HashSet<Labels> =
+                rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            Ok(Value::Vector(
+                lhs.into_iter()
+                    .filter(|s| right.contains(&signature(&s.labels, modifier)))
+                    .collect(),
+            ))
+        }
+        T_LUNLESS => {
+            let right: HashSet<Labels> =
+                rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            Ok(Value::Vector(
+                lhs.into_iter()
+                    .filter(|s| !right.contains(&signature(&s.labels, modifier)))
+                    .collect(),
+            ))
+        }
+        T_LOR => {
+            let left: HashSet<Labels> =
+                lhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let mut out = lhs;
+            out.extend(
+                rhs.into_iter()
+                    .filter(|s| !left.contains(&signature(&s.labels, modifier))),
+            );
+            Ok(Value::Vector(out))
+        }
+        _ => matched(op, lhs, rhs, modifier),
+    }
+}
+
+/// Arithmetic and comparison between two vectors, one-to-one or with `group_left/right`.
+fn matched(
+    op: TokenType,
+    lhs: Vec<Sample>,
+    rhs: Vec<Sample>,
+    modifier: Option<&BinModifier>,
+) -> Result<Value, String> {
+    let card = modifier.map_or(&VectorMatchCardinality::OneToOne, |m| &m.card);
+    let return_bool = modifier.is_some_and(|m| m.return_bool);
+    let comparison = op.is_comparison_operator();
+    // The "many" side drives the match; for group_right that is the right-hand side.
+    let one_to_many = matches!(card, VectorMatchCardinality::OneToMany(_));
+    let (many, one) = if one_to_many { (rhs, lhs) } else { (lhs, rhs) };
+    let mut by_sig: HashMap<Labels, &Sample> = HashMap::with_capacity(one.len());
+    for s in &one {
+        if by_sig.insert(signature(&s.labels, modifier), s).is_some() {
+            let side = if one_to_many { "left" } else { "right" };
+            return Err(format!(
+                "found duplicate series for the match group on the {side} hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side"
+            ));
+        }
+    }
+    let include: Vec<String> = card.labels().map(|l| l.labels.clone()).unwrap_or_default();
+    let mut matched_sigs: HashSet<Labels> = HashSet::new();
+    let mut out_labels: HashSet<Labels> = HashSet::new();
+    let mut out = Vec::new();
+    for m in &many {
+        let sig = signature(&m.labels, modifier);
+        let Some(o) = by_sig.get(&sig) else {
+            continue;
+        };
+        if matches!(card, VectorMatchCardinality::OneToOne) && !matched_sigs.insert(sig.clone()) {
+            return Err("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)".into());
+        }
+        let (l, r) = if one_to_many {
+            (o.value, m.value)
+        } else {
+            (m.value, o.value)
+        };
+        let (value, keep) = scalar_op(op, l, r)?;
+        if comparison && !return_bool && !keep {
+            continue;
+        }
+        let value = if comparison && return_bool {
+            if keep { 1.0 } else { 0.0 }
+        } else {
+            value
+        };
+        let labels = result_labels(
+            &m.labels,
+            &o.labels,
+            op,
+            return_bool,
+            card,
+            modifier,
+            &include,
+        );
+        if !matches!(card, VectorMatchCardinality::OneToOne) && !out_labels.insert(labels.clone()) {
+            return Err(
+                "multiple matches for labels: grouping labels must ensure unique matches".into(),
+            );
+        }
+        out.push(Sample { labels, value });
+    }
+    Ok(Value::Vector(unique(out)?))
+}
+
+/// Prometheus's `resultMetric`: the many side's labels, without the name for arithmetic and
+/// `bool`, reduced to the `on` labels for one-to-one, plus the `group_*` labels of the one side.
+fn result_labels(
+    many: &Labels,
+    one: &Labels,
+    op: TokenType,
+    return_bool: bool,
+    card: &VectorMatchCardinality,
+    modifier: Option<&BinModifier>,
+    include: &[String],
+) -> Labels {
+    let drop_name_too = !op.is_comparison_operator() || return_bool;
+    let mut pairs: Vec<(String, String)> = many
+        .iter()
+        .filter(|(k, _)| !(drop_name_too && *k == NAME))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    if matches!(card, VectorMatchCardinality::OneToOne) {
+        match modifier.and_then(|m| m.matching.as_ref()) {
+            Some(LabelModifier::Include(on)) => {
+                pairs.retain(|(k, _)| on.labels.iter().any(|l| l == k))
+            }
+            Some(LabelModifier::Exclude(ignoring)) => {
+                pairs.retain(|(k, _)| !ignoring.labels.iter().any(|l| l == k))
+            }
+            None => {}
+        }
+    }
+    for name in include {
+        pairs.retain(|(k, _)| k != name);
+        if let Some(v) = one.get(name).filter(|v| !v.is_empty()) {
+            pairs.push((name.clone(), v.to_owned()));
+        }
+    }
+    Labels::new(pairs)
+}

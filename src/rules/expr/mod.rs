@@ -1,0 +1,293 @@
+//! The PromQL evaluator: a supported subset of PromQL, parsed by `promql-parser` and evaluated
+//! over any `SeriesSource` (the registry's history, or an in-memory set for tests and rule unit
+//! tests) with Prometheus's semantics.
+//!
+//! Owns what is supported: `check` refuses everything else, with the reason, before anything is
+//! evaluated, so an expression is either evaluated as Prometheus would or not accepted at all.
+//! Supported: number literals; unary minus; instant and range selectors with all four matchers
+//! and `offset`; arithmetic (`+ - * / % ^`), comparisons (with `bool`) and `and`/`or`/`unless`
+//! between scalars and vectors, with `on`/`ignoring` and `group_left`/`group_right`;
+//! `sum`/`avg`/`min`/`max`/`count` with `by`/`without`; `rate`, `increase`, `delta`,
+//! `avg/min/max/sum/count/last_over_time`, `abs`, `clamp`, `clamp_min`, `clamp_max`, `absent`,
+//! `time`, `vector`, `scalar`. Refused: `@`, subqueries, strings, other functions and
+//! aggregations.
+//!
+//! Uses `sample::Labels` and `registry::Point`; nothing else of ours.
+
+mod eval;
+mod functions;
+pub mod memory;
+
+use std::time::Duration;
+
+use promql_parser::parser::{self, Expr};
+
+pub use eval::{Evaluator, Sample, Value};
+
+use crate::registry::Point;
+use crate::sample::Labels;
+
+/// Prometheus's default lookback: an instant selector sees the newest sample at most this old.
+pub const LOOKBACK: Duration = Duration::from_secs(300);
+
+/// The label that holds the metric name in a series' label set.
+pub const NAME: &str = "__name__";
+
+/// Where the evaluator reads series from.
+pub trait SeriesSource {
+    /// Every series whose label set (with `__name__`) satisfies all `matchers`, with its points in
+    /// `[start_ms, end_ms]`, stale markers included. Series without points there may be left out.
+    fn select(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(Labels, Vec<Point>)>;
+}
+
+/// The registry's history is what rules read.
+impl SeriesSource for crate::registry::Registry {
+    fn select(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(Labels, Vec<Point>)> {
+        use promql_parser::label::MatchOp;
+        // An equality matcher on the name is a direct lookup; anything else walks every name.
+        let name = matchers
+            .iter()
+            .find(|m| m.name == NAME && matches!(m.op, MatchOp::Equal))
+            .map(|m| m.value.as_str());
+        let keep = |n: &str, labels: &Labels| {
+            matchers.iter().all(|m| {
+                let value = if m.name == NAME {
+                    n
+                } else {
+                    labels.get(&m.name).unwrap_or("")
+                };
+                m.is_match(value)
+            })
+        };
+        crate::registry::Registry::select(self, name, keep, start_ms, end_ms)
+            .into_iter()
+            .map(|(n, labels, points)| {
+                let with_name = Labels::new(
+                    std::iter::once((NAME.to_owned(), n))
+                        .chain(labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned()))),
+                );
+                (with_name, points)
+            })
+            .collect()
+    }
+}
+
+/// A parsed expression that `check` accepted.
+#[derive(Debug, Clone)]
+pub struct Query {
+    expr: Expr,
+    /// The text as written, for messages.
+    pub text: String,
+}
+
+impl Query {
+    /// Parses and checks an expression: `Err` says why it cannot be evaluated.
+    pub fn parse(text: &str) -> Result<Query, String> {
+        let expr = parser::parse(text).map_err(|e| format!("invalid PromQL: {e}"))?;
+        check(&expr)?;
+        Ok(Query {
+            expr,
+            text: text.to_owned(),
+        })
+    }
+
+    /// The longest range or offset reach back in time, for sizing the history it needs.
+    pub fn lookback_needed(&self) -> Duration {
+        reach(&self.expr)
+    }
+
+    pub(crate) fn expr(&self) -> &Expr {
+        &self.expr
+    }
+}
+
+/// The functions we evaluate.
+const FUNCTIONS: &[&str] = &[
+    "rate",
+    "increase",
+    "delta",
+    "avg_over_time",
+    "min_over_time",
+    "max_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "last_over_time",
+    "abs",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "absent",
+    "time",
+    "vector",
+    "scalar",
+];
+
+/// Refuses what we do not evaluate, naming it.
+fn check(expr: &Expr) -> Result<(), String> {
+    use promql_parser::parser::token::{T_AVG, T_COUNT, T_MAX, T_MIN, T_SUM};
+    match expr {
+        Expr::NumberLiteral(_) => Ok(()),
+        Expr::StringLiteral(_) => Err("string literals are not supported".into()),
+        Expr::Paren(p) => check(&p.expr),
+        Expr::Unary(u) => check(&u.expr),
+        Expr::VectorSelector(vs) => selector(vs),
+        Expr::MatrixSelector(ms) => selector(&ms.vs),
+        Expr::Subquery(_) => Err("subqueries are not supported".into()),
+        Expr::Extension(_) => Err("extension expressions are not supported".into()),
+        Expr::Binary(b) => {
+            if b.modifier
+                .as_ref()
+                .is_some_and(|m| m.fill_values.lhs.is_some() || m.fill_values.rhs.is_some())
+            {
+                return Err("fill modifiers are not supported".into());
+            }
+            check(&b.lhs)?;
+            check(&b.rhs)
+        }
+        Expr::Aggregate(a) => {
+            let id = a.op.id();
+            if ![T_SUM, T_AVG, T_MIN, T_MAX, T_COUNT].contains(&id) {
+                return Err(format!(
+                    "aggregation `{}` is not supported (sum, avg, min, max, count are)",
+                    a.op
+                ));
+            }
+            if a.param.is_some() {
+                return Err(format!("aggregation `{}` takes no parameter", a.op));
+            }
+            check(&a.expr)
+        }
+        Expr::Call(c) => {
+            if !FUNCTIONS.contains(&c.func.name) {
+                return Err(format!(
+                    "function `{}` is not supported (supported: {})",
+                    c.func.name,
+                    FUNCTIONS.join(", ")
+                ));
+            }
+            for arg in &c.args.args {
+                check(arg)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn selector(vs: &promql_parser::parser::VectorSelector) -> Result<(), String> {
+    if vs.at.is_some() {
+        return Err("the @ modifier is not supported".into());
+    }
+    if !vs.matchers.or_matchers.is_empty() {
+        return Err("`or` inside a selector is not supported".into());
+    }
+    Ok(())
+}
+
+fn reach(expr: &Expr) -> Duration {
+    use promql_parser::parser::Offset;
+    let offset = |o: &Option<Offset>| match o {
+        Some(Offset::Pos(d)) => *d,
+        _ => Duration::ZERO,
+    };
+    match expr {
+        Expr::VectorSelector(vs) => LOOKBACK + offset(&vs.offset),
+        Expr::MatrixSelector(ms) => ms.range + offset(&ms.vs.offset),
+        Expr::Paren(p) => reach(&p.expr),
+        Expr::Unary(u) => reach(&u.expr),
+        Expr::Binary(b) => reach(&b.lhs).max(reach(&b.rhs)),
+        Expr::Aggregate(a) => reach(&a.expr),
+        Expr::Call(c) => c
+            .args
+            .args
+            .iter()
+            .map(|a| reach(a))
+            .max()
+            .unwrap_or_default(),
+        _ => Duration::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_parts_are_refused_with_the_reason() {
+        for (text, why) in [
+            ("topk(3, x)", "aggregation `topk`"),
+            (
+                "histogram_quantile(0.9, x)",
+                "function `histogram_quantile`",
+            ),
+            ("x @ 100", "@ modifier"),
+            ("max_over_time(x[5m:1m])", "subqueries"),
+            ("x +", "invalid PromQL"),
+        ] {
+            let err = Query::parse(text).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+        assert!(Query::parse("sum by (job) (rate(x[5m])) > 0.8").is_ok());
+    }
+
+    #[test]
+    fn conditions_evaluate_over_the_registry_history() {
+        use crate::registry::Registry;
+        use crate::sample::Families;
+        let r = Registry::new(Duration::from_secs(600)).unwrap();
+        for (i, (mem, hits)) in [(0.5, 0.0), (0.85, 100.0), (0.9, 400.0)].iter().enumerate() {
+            let mut f = Families::new();
+            f.gauge("host_memory_usage_ratio", "h", &[], *mem);
+            f.counter(
+                "redis_keyspace_hits_total",
+                "h",
+                &[("target", "cache")],
+                *hits,
+            );
+            r.publish("test", f.into_vec(), 10_000 * (i as i64 + 1));
+        }
+        let at = |q: &str| {
+            Evaluator::new(&r, 30_000)
+                .eval(&Query::parse(q).unwrap())
+                .unwrap()
+        };
+        let Value::Vector(v) = at("host_memory_usage_ratio > 0.8") else {
+            panic!()
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].value, 0.9);
+        assert_eq!(v[0].labels.get(NAME), Some("host_memory_usage_ratio"));
+        assert_eq!(at("host_memory_usage_ratio > 0.95"), Value::Vector(vec![]));
+        // Samples 0, 100, 400 at 10 s, 20 s, 30 s in the window (0 s, 30 s]: the counter started
+        // at zero at the first sample, so Prometheus extrapolates nothing: exactly 400.
+        let Value::Vector(inc) = at("increase(redis_keyspace_hits_total[30s])") else {
+            panic!()
+        };
+        let Value::Vector(rate) = at("rate(redis_keyspace_hits_total[30s])") else {
+            panic!()
+        };
+        assert_eq!(inc[0].value, 400.0);
+        assert!((inc[0].value / 30.0 - rate[0].value).abs() < 1e-9);
+        assert_eq!(inc[0].labels.get("target"), Some("cache"));
+        assert_eq!(inc[0].labels.get(NAME), None);
+        let Value::Vector(v) = at(r#"{__name__=~"host_.*"}"#) else {
+            panic!()
+        };
+        assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn the_reach_back_covers_ranges_and_offsets() {
+        let q = Query::parse("rate(x[10m] offset 5m) + y").unwrap();
+        assert_eq!(q.lookback_needed(), Duration::from_secs(900));
+    }
+}
