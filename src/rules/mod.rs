@@ -6,3 +6,4 @@
 //! collectors.
 
 pub mod expr;
+pub mod state;
