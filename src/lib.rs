@@ -35,6 +35,7 @@
 //! stage only. Collectors never see rules; actions never import rules; audit imports nothing of
 //! ours; `http` reads the registry; nothing imports `app`.
 
+pub mod actions;
 pub mod app;
 pub mod collect;
 pub mod http;

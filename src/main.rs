@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         Some(Command::Check {
             what: CheckCommand::Config { files },
         }) => check_config(&files),
+        Some(Command::Check {
+            what: CheckCommand::Rules { files },
+        }) => check_rules(&files),
         None => run(&cli.run),
     }
 }
@@ -38,6 +41,33 @@ fn check_config(files: &[std::path::PathBuf]) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `autotuner check rules FILE...`, in the promtool style: every error of every file, then the
+/// warnings; exit 1 if there was any error.
+fn check_rules(files: &[std::path::PathBuf]) -> ExitCode {
+    let loaded = autotuner::rules::compile::load_files(files);
+    for file in files {
+        println!("Checking {}", file.display());
+        let errors: Vec<_> = loaded.errors.iter().filter(|p| &p.file == file).collect();
+        if errors.is_empty() {
+            let n = loaded.rules.iter().filter(|r| &r.source == file).count();
+            println!("  SUCCESS: {n} rules found");
+        } else {
+            println!("  FAILED:");
+            for e in errors {
+                eprintln!("{e}");
+            }
+        }
+        for w in loaded.warnings.iter().filter(|p| &p.file == file) {
+            eprintln!("warning: {w}");
+        }
+    }
+    if loaded.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

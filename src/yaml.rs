@@ -129,28 +129,63 @@ impl Locator {
 /// An empty document decodes as an empty mapping, so a file holding only comments means "all
 /// defaults". On failure every problem found is returned, sorted by position.
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<(T, Locator), Vec<Diagnostic>> {
-    let (mut value, locator, mut diagnostics) = read(text)?;
+    match from_str_partial(text) {
+        Partial {
+            value: Some(v),
+            locator,
+            diagnostics,
+        } if diagnostics.is_empty() => Ok((v, locator)),
+        Partial { diagnostics, .. } => Err(diagnostics),
+    }
+}
+
+/// What `from_str_partial` could make of a document.
+#[derive(Debug)]
+pub struct Partial<T> {
+    /// The document with every part that had an error left out, when what remained decoded
+    /// (so later checks can still report their own problems in the rest).
+    pub value: Option<T>,
+    /// Where each part was written.
+    pub locator: Locator,
+    /// Every problem found, sorted by position.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Like `from_str`, but also returns what decoded once the erroneous parts were left out, so a
+/// caller can validate the rest and report all problems of a file in one go.
+pub fn from_str_partial<T: DeserializeOwned>(text: &str) -> Partial<T> {
+    let (mut value, locator, mut diagnostics) = match read(text) {
+        Ok(r) => r,
+        Err(diagnostics) => {
+            return Partial {
+                value: None,
+                locator: Locator::default(),
+                diagnostics,
+            };
+        }
+    };
     // Paths (as written) of the entries removed so far.
     let mut removed: HashSet<Vec<Seg>> = HashSet::new();
     // Sequence elements removed so far, by the sequence's path as written: decoding sees the
     // shifted indexes, the locator knows the written ones.
     let mut shifts: HashMap<Vec<Seg>, Vec<usize>> = HashMap::new();
+    let mut decoded = None;
     loop {
         match serde_path_to_error::deserialize::<_, T>(&value) {
-            Ok(decoded) if diagnostics.is_empty() => return Ok((decoded, locator)),
-            Ok(_) => break,
+            Ok(v) => {
+                decoded = Some(v);
+                break;
+            }
             Err(err) => {
                 let current = path_of(err.path());
                 let path = as_written(&current, &shifts);
                 let message = err.inner().to_string();
-                if let Some(field) = missing_field(&message) {
-                    let mut child = path.clone();
-                    child.push(Seg::Key(field.to_owned()));
-                    // A field we removed because its value was wrong is not also "missing".
-                    if !removed.contains(&child) {
-                        diagnostics.push(locator.error_at(&path, message));
-                    }
-                } else {
+                // An error about something we emptied by removing a bad part of it (a "missing
+                // field" we removed, an entry left with nothing) is a consequence, not news.
+                let consequence = removed
+                    .iter()
+                    .any(|r| r.len() > path.len() && r.starts_with(&path));
+                if !consequence {
                     let mark = if message.starts_with("unknown field") {
                         locator.key(&path)
                     } else {
@@ -184,7 +219,11 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<(T, Locator), Vec<Dia
     }
     diagnostics.sort_by_key(|d| (d.line, d.column));
     diagnostics.dedup();
-    Err(diagnostics)
+    Partial {
+        value: decoded,
+        locator,
+        diagnostics,
+    }
 }
 
 /// Maps a path in the document as it is now (after removals) to the path as written.
@@ -210,13 +249,6 @@ fn as_written(current: &[Seg], shifts: &HashMap<Vec<Seg>, Vec<usize>>) -> Vec<Se
         out.push(seg);
     }
     out
-}
-
-/// `missing field `x`` → `x`.
-fn missing_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next())
 }
 
 fn path_of(path: &serde_path_to_error::Path) -> Vec<Seg> {

@@ -1,9 +1,12 @@
 //! ② Rules: conditions written in PromQL, evaluated in-process over the registry's samples and
 //! history.
 //!
-//! So far this holds the expression evaluator (`expr`); the rule files, the pending/firing
-//! state machine and hot reload build on it. Uses `sample` and `registry` (read only), never
-//! collectors.
+//! So far: `file` (what a rule file says), `compile` (validation with every error located),
+//! `expr` (the PromQL evaluator) and `state` (the pending/firing state machine). The engine loop
+//! and hot reload build on these. Uses `sample`, `registry` (read only), `yaml`, `settings` and
+//! `actions::ActionSpec`; never collectors.
 
+pub mod compile;
 pub mod expr;
+pub mod file;
 pub mod state;

@@ -71,6 +71,12 @@ pub enum CheckCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Validate rule files as one set (names unique across them), like `promtool check rules`.
+    Rules {
+        /// The files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Flags of the running exporter, in the Prometheus exporter conventions.
