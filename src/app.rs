@@ -16,6 +16,10 @@ use crate::collect::redis::{self, RedisCollector};
 use crate::collect::{self, Collector as _};
 use crate::http::{self, AppState};
 use crate::registry::Registry;
+use crate::rules::{
+    self,
+    engine::{ActionRequest, Engine},
+};
 use crate::settings::Settings;
 use crate::shutdown::{self, Signals};
 use crate::targets::{PgHandle, RedisHandle};
@@ -109,10 +113,53 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ));
     }
 
+    // The rule engine, its reload triggers (file watcher, SIGHUP, POST /-/reload) funnelled into
+    // one channel, and, until the actions stage exists, a consumer that records requests.
+    let data_dir = match std::fs::create_dir_all(&settings.data_dir) {
+        Ok(()) => Some(settings.data_dir.as_path()),
+        Err(err) => {
+            tracing::warn!(dir = %settings.data_dir.display(), error = %err, "data directory unusable; rule state will not survive a restart");
+            None
+        }
+    };
+    let (request_tx, mut request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
+    let engine = Engine::new(
+        registry.clone(),
+        settings.rules_dir.clone(),
+        data_dir,
+        request_tx,
+    )
+    .context("starting the rule engine")?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = match rules::engine::watch(&settings.rules_dir, reload_tx.clone()) {
+        Ok(w) => Some(w),
+        Err(err) => {
+            tracing::warn!(dir = %settings.rules_dir.display(), error = %err, "not watching the rules directory; reload with SIGHUP or POST /-/reload");
+            None
+        }
+    };
+    let mut hup = signals.reloads();
+    let hup_tx = reload_tx.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_ok() {
+            let _ = hup_tx.try_send(());
+        }
+    });
+    tasks.push(tokio::spawn(
+        engine.clone().run(reload_rx, shutdown.clone()),
+    ));
+    tokio::spawn(async move {
+        while let Some(r) = request_rx.recv().await {
+            let kinds: Vec<&str> = r.actions.iter().map(|a| a.kind()).collect();
+            tracing::info!(rule = %r.rule, labels = %r.labels, value = r.value, actions = ?kinds, "actions requested (recorded; executing them is not built yet)");
+        }
+    });
+
     let router = http::router(AppState {
         registry: registry.clone(),
         telemetry_path: settings.telemetry_path.clone(),
         started,
+        engine: Some(engine.clone()),
     });
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {

@@ -282,6 +282,15 @@ impl Registry {
         out
     }
 
+    /// Adds metrics of another stage (the rule engine, the actions) to the exporter's own, so
+    /// they are served on `/metrics` with the rest.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.own.registry.register(collector)
+    }
+
     /// Series and points held in the history (also published as self-metrics).
     pub fn history_size(&self) -> (usize, usize) {
         let history = lock(&self.history);

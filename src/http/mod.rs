@@ -1,10 +1,14 @@
 //! The HTTP surface: router, listeners and graceful shutdown.
 //!
-//! Routes (every one answers `GET` and `HEAD`):
+//! Routes (`GET` and `HEAD` unless said otherwise):
 //! - `/metrics` (the `--web.telemetry-path`): the Prometheus text exposition, gzip when asked.
 //! - `/`: a landing page naming the endpoints and each collector's status.
 //! - `/-/healthy`: 200 whenever the process serves HTTP.
 //! - `/-/ready`: 200 once every collector has run once, 503 before.
+//! - `/-/reload` (`POST`, `PUT`): reload the rules now; 200 with the count, or 500 with every
+//!   error (the running rules are kept).
+//! - `/api/v1/rules`: every rule's health, last error, pending and firing instances, and the
+//!   last reload's outcome, as JSON.
 //!
 //! Uses `registry` (read only) and `shutdown`. Unknown paths get a 404 with a plain-text body.
 
@@ -22,6 +26,7 @@ use tokio::net::TcpListener;
 use tower_http::compression::CompressionLayer;
 
 use crate::registry::Registry;
+use crate::rules::engine::Engine;
 use crate::shutdown::Shutdown;
 
 /// What the handlers share.
@@ -33,6 +38,8 @@ pub struct AppState {
     pub telemetry_path: String,
     /// When the process started, for the uptime on the landing page.
     pub started: Instant,
+    /// The rule engine, for `/api/v1/rules` and `/-/reload`.
+    pub engine: Option<Arc<Engine>>,
 }
 
 /// The router for `state`.
@@ -51,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(landing::handler))
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
+        .route("/-/reload", axum::routing::post(reload).put(reload))
+        .route("/api/v1/rules", get(rules))
         .merge(metrics)
         .fallback(not_found)
         .with_state(state)
@@ -71,6 +80,49 @@ async fn ready(
             "autotuner is not ready: the first collection round has not finished.\n",
         )
     }
+}
+
+/// Reloads the rules now and answers with the outcome: 200 with the count, or 500 with every
+/// error (the running rules are kept).
+async fn reload(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(engine) = state.engine else {
+        return (StatusCode::NOT_FOUND, "no rule engine\n").into_response();
+    };
+    match tokio::task::spawn_blocking(move || engine.reload()).await {
+        Ok(Ok(n)) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "success", "rules": n})),
+        )
+            .into_response(),
+        Ok(Err(errors)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(serde_json::json!({"status": "error", "errors": errors})),
+        )
+            .into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {err}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The rules, their health and instances, and the last reload's outcome.
+async fn rules(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(engine) = state.engine else {
+        return (StatusCode::NOT_FOUND, "no rule engine\n").into_response();
+    };
+    axum::Json(serde_json::json!({
+        "status": "success",
+        "data": { "rules": engine.status(), "reload": engine.reload_status() },
+    }))
+    .into_response()
 }
 
 async fn not_found() -> (StatusCode, &'static str) {

@@ -7,6 +7,7 @@
 //! `actions::ActionSpec`; never collectors.
 
 pub mod compile;
+pub mod engine;
 pub mod expr;
 pub mod file;
 pub mod state;

@@ -110,6 +110,24 @@ pub struct RunFlags {
     )]
     pub config_file: Option<PathBuf>,
 
+    /// Directory of rule files (`*.yml`, `*.yaml`), watched and reloaded on change.
+    #[arg(
+        long = "rules.dir",
+        env = "AUTOTUNER_RULES_DIR",
+        default_value = "./rules",
+        value_name = "DIR"
+    )]
+    pub rules_dir: PathBuf,
+
+    /// Directory for state that survives restarts (rule state; later the audit log and knobs).
+    #[arg(
+        long = "data.dir",
+        env = "AUTOTUNER_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+
     /// Only log messages with the given severity or above. `RUST_LOG`, when set, overrides it
     /// with a full tracing filter.
     #[arg(
@@ -173,6 +191,10 @@ pub struct Settings {
     pub telemetry_path: String,
     /// What the configuration file (or its absence) says.
     pub config: Config,
+    /// The rules directory.
+    pub rules_dir: PathBuf,
+    /// The data directory.
+    pub data_dir: PathBuf,
 }
 
 impl Settings {
@@ -210,6 +232,8 @@ impl Settings {
             listen,
             telemetry_path: path.clone(),
             config,
+            rules_dir: flags.rules_dir.clone(),
+            data_dir: flags.data_dir.clone(),
         })
     }
 }

@@ -16,13 +16,21 @@ pub struct Autotuner {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Its data directory, unless the test gave one.
+    pub data: Option<tempfile::TempDir>,
 }
 
 impl Autotuner {
     /// Starts the binary with `args` (plus a loopback listen address on port 0 and JSON logs)
     /// and `envs`, and waits until it says where it listens.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Autotuner {
-        let mut child = Command::new(BIN)
+        let data = (!args.iter().any(|a| a.starts_with("--data.dir")))
+            .then(|| tempfile::tempdir().unwrap());
+        let mut command = Command::new(BIN);
+        if let Some(d) = &data {
+            command.arg(format!("--data.dir={}", d.path().display()));
+        }
+        let mut child = command
             .args(["--web.listen-address=127.0.0.1:0", "--log.format=json"])
             .args(args)
             .envs(envs.iter().copied())
@@ -57,7 +65,18 @@ impl Autotuner {
                 );
             }
         };
-        Autotuner { child, addr, log }
+        Autotuner {
+            child,
+            addr,
+            log,
+            data,
+        }
+    }
+
+    /// `wait_ready`, returning the process, for chaining after `start`.
+    pub async fn await_ready(self) -> Autotuner {
+        self.wait_ready().await;
+        self
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -100,7 +100,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
 
     /// An instant selector: each series' newest sample in `(t - 5m, t]`, unless that sample is
     /// a stale marker (the series ended).
-    fn instant(&self, vs: &VectorSelector) -> Vec<Sample> {
+    pub(super) fn instant(&self, vs: &VectorSelector) -> Vec<Sample> {
         let t = self.at(vs);
         let start = t - ms(LOOKBACK) + 1;
         self.source
@@ -324,7 +324,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// The selector's matchers, with the metric name as a `__name__` matcher.
-fn matchers(vs: &VectorSelector) -> Vec<Matcher> {
+pub(super) fn matchers(vs: &VectorSelector) -> Vec<Matcher> {
     let mut m = vs.matchers.matchers.clone();
     if let Some(name) = &vs.name
         && !m.iter().any(|x| x.name == NAME)

@@ -106,6 +106,19 @@ impl Query {
         reach(&self.expr)
     }
 
+    /// Whether any selector of the expression selects anything at `now_ms`: tells "the
+    /// condition does not hold" from "there is no data to judge".
+    pub fn has_data<S: SeriesSource>(&self, source: &S, now_ms: i64) -> bool {
+        let mut selectors = Vec::new();
+        leaves(&self.expr, &mut selectors);
+        let ev = Evaluator::new(source, now_ms);
+        // With Prometheus's own selection rules: a series that went stale is no data.
+        selectors.iter().any(|(vs, range)| match range {
+            Some(r) => !ev.range(vs, *r).is_empty(),
+            None => !ev.instant(vs).is_empty(),
+        })
+    }
+
     pub(crate) fn expr(&self) -> &Expr {
         &self.expr
     }
@@ -191,6 +204,26 @@ fn selector(vs: &promql_parser::parser::VectorSelector) -> Result<(), String> {
         return Err("`or` inside a selector is not supported".into());
     }
     Ok(())
+}
+
+/// The selectors of an expression, each with its range when it is a range selector.
+fn leaves<'a>(
+    expr: &'a Expr,
+    out: &mut Vec<(&'a promql_parser::parser::VectorSelector, Option<Duration>)>,
+) {
+    match expr {
+        Expr::VectorSelector(vs) => out.push((vs, None)),
+        Expr::MatrixSelector(ms) => out.push((&ms.vs, Some(ms.range))),
+        Expr::Paren(p) => leaves(&p.expr, out),
+        Expr::Unary(u) => leaves(&u.expr, out),
+        Expr::Binary(b) => {
+            leaves(&b.lhs, out);
+            leaves(&b.rhs, out);
+        }
+        Expr::Aggregate(a) => leaves(&a.expr, out),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| leaves(a, out)),
+        _ => {}
+    }
 }
 
 fn reach(expr: &Expr) -> Duration {

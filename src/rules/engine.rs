@@ -1,0 +1,909 @@
+//! The rule engine: evaluates every loaded rule on its group's interval over the registry, keeps
+//! the state of each rule and label set, requests actions on the firing edge, publishes its own
+//! metrics, persists its state, and reloads the rules directory all-or-nothing.
+//!
+//! Uses `compile` (the rules), `expr` (evaluation), `state` (transitions), `registry` (read only
+//! for samples; the engine registers its own metrics there) and `actions::ActionSpec`. The
+//! requests it makes go out on a channel: the actions stage takes them from there.
+//!
+//! Reload is one function, `reload`, called by the file watcher (debounced), SIGHUP and
+//! `POST /-/reload`. It compiles every file aside; on any error the running set stays, the
+//! errors are kept for the API, and `autotuner_rules_last_reload_successful` goes to 0. On
+//! success the new set replaces the old at once; rules whose definition did not change keep
+//! their pending and firing state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus::{Gauge, GaugeVec, IntCounterVec, Opts};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::compile::{self, Problem, Rule};
+use super::expr::{Evaluator, NAME, Value};
+use super::file::{Mode, OnAbsent};
+use super::state::{self, Observed, State};
+use crate::actions::ActionSpec;
+use crate::registry::Registry;
+use crate::sample::Labels;
+
+/// What the engine hands to the actions stage when a rule fires (or repeats).
+#[derive(Debug, Clone)]
+pub struct ActionRequest {
+    /// The rule.
+    pub rule: String,
+    /// The instance's labels (the result's labels without `__name__`, plus the rule's labels).
+    pub labels: Labels,
+    /// The condition's value for the instance.
+    pub value: f64,
+    /// The rule's own mode, if it has one.
+    pub mode: Option<Mode>,
+    /// The rule's cooldown.
+    pub cooldown: Duration,
+    /// Whether destructive actions may run in enforce.
+    pub allow_destructive: bool,
+    /// What to do.
+    pub actions: Vec<ActionSpec>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// One instance of a rule, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Instance {
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its state.
+    #[serde(flatten)]
+    pub state: State,
+    /// The condition's last value for it.
+    pub value: Option<f64>,
+}
+
+/// A rule's status, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleStatus {
+    /// The rule.
+    pub name: String,
+    /// Its group.
+    pub group: String,
+    /// Its file.
+    pub file: String,
+    /// Its condition.
+    pub expr: String,
+    /// Its exit condition.
+    pub clear: Option<String>,
+    /// `ok`, `err`, or `unknown` before its first evaluation.
+    pub health: &'static str,
+    /// The last evaluation's error.
+    pub last_error: Option<String>,
+    /// When it was last evaluated (ms since the epoch).
+    pub last_evaluation_ms: Option<i64>,
+    /// How long that took, in seconds.
+    pub evaluation_seconds: f64,
+    /// Its pending and firing instances.
+    pub instances: Vec<Instance>,
+}
+
+/// The engine's view of the last reload.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReloadStatus {
+    /// Whether the last reload succeeded.
+    pub success: bool,
+    /// When it happened (ms since the epoch).
+    pub at_ms: i64,
+    /// Its errors, `FILE:LINE:COL: message`.
+    pub errors: Vec<String>,
+    /// Its warnings.
+    pub warnings: Vec<String>,
+    /// A hash of the loaded rule set, to tell two deployments apart.
+    pub hash: String,
+}
+
+/// Per-rule run-time state.
+#[derive(Debug, Default)]
+struct Runtime {
+    instances: HashMap<Labels, (State, f64)>,
+    last_error: Option<String>,
+    last_evaluation_ms: Option<i64>,
+    evaluation_seconds: f64,
+}
+
+struct Loaded {
+    rules: Vec<Rule>,
+    runtime: HashMap<String, Runtime>,
+    reload: ReloadStatus,
+}
+
+/// The engine.
+pub struct Engine {
+    registry: Arc<Registry>,
+    dir: PathBuf,
+    state_file: Option<PathBuf>,
+    inner: Mutex<Loaded>,
+    requests: mpsc::Sender<ActionRequest>,
+    metrics: Metrics,
+    /// What was last written to the state file: unchanged state is not written (and fsynced)
+    /// again every tick.
+    last_persisted: Mutex<Vec<u8>>,
+}
+
+struct Metrics {
+    state: GaugeVec,
+    duration: GaugeVec,
+    failures: IntCounterVec,
+    requests: IntCounterVec,
+    loaded: Gauge,
+    reload_ok: Gauge,
+    reload_ts: Gauge,
+}
+
+impl Metrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Metrics {
+            state: GaugeVec::new(
+                Opts::new(
+                    "autotuner_rule_state",
+                    "Instances of the rule in each state (pending, firing).",
+                ),
+                &["rule", "state"],
+            )?,
+            duration: GaugeVec::new(
+                Opts::new(
+                    "autotuner_rule_evaluation_duration_seconds",
+                    "How long the rule's last evaluation took.",
+                ),
+                &["rule"],
+            )?,
+            failures: IntCounterVec::new(
+                Opts::new(
+                    "autotuner_rule_evaluation_failures_total",
+                    "Evaluations of the rule that failed.",
+                ),
+                &["rule"],
+            )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "autotuner_rule_action_requests_total",
+                    "Times the rule requested its actions (firing edges and repeats).",
+                ),
+                &["rule"],
+            )?,
+            loaded: Gauge::new("autotuner_rules_loaded", "Rules loaded.")?,
+            reload_ok: Gauge::new(
+                "autotuner_rules_last_reload_successful",
+                "Whether the last rule reload succeeded (1) or kept the previous rules (0).",
+            )?,
+            reload_ts: Gauge::new(
+                "autotuner_rules_last_reload_timestamp_seconds",
+                "When the rules were last reloaded, successfully or not.",
+            )?,
+        };
+        registry.register(Box::new(m.state.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.loaded.clone()))?;
+        registry.register(Box::new(m.reload_ok.clone()))?;
+        registry.register(Box::new(m.reload_ts.clone()))?;
+        Ok(m)
+    }
+}
+
+/// What is persisted: each rule's instances, with a fingerprint of its definition so a changed
+/// rule does not inherit the state of its former self.
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct Persisted {
+    rules: BTreeMap<String, PersistedRule>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedRule {
+    fingerprint: String,
+    instances: Vec<Instance>,
+}
+
+impl Engine {
+    /// An engine over the rules in `dir`, persisting its state in `data_dir` (if given), sending
+    /// requests on `requests`. Loads the rules once; an error there leaves it with none.
+    pub fn new(
+        registry: Arc<Registry>,
+        dir: PathBuf,
+        data_dir: Option<&Path>,
+        requests: mpsc::Sender<ActionRequest>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Metrics::new(&registry)?;
+        let engine = Arc::new(Engine {
+            registry,
+            dir,
+            state_file: data_dir.map(|d| d.join("rule_state.json")),
+            inner: Mutex::new(Loaded {
+                rules: Vec::new(),
+                runtime: HashMap::new(),
+                reload: ReloadStatus::default(),
+            }),
+            requests,
+            metrics,
+            last_persisted: Mutex::new(Vec::new()),
+        });
+        let _ = engine.reload();
+        engine.restore();
+        Ok(engine)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reloads the rules directory, all or nothing. Returns the number of rules loaded, or the
+    /// errors (the running rules are kept).
+    pub fn reload(&self) -> Result<usize, Vec<String>> {
+        let now = crate::collect::now_ms();
+        let files = match compile::rule_files(&self.dir) {
+            Ok(f) => f,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(err) => {
+                let errors = vec![format!(
+                    "{}: reading the rules directory: {err}",
+                    self.dir.display()
+                )];
+                return Err(self.failed(errors, Vec::new(), now));
+            }
+        };
+        let loaded = compile::load_files(&files);
+        let text = |p: &[Problem]| p.iter().map(ToString::to_string).collect::<Vec<_>>();
+        if !loaded.errors.is_empty() {
+            return Err(self.failed(text(&loaded.errors), text(&loaded.warnings), now));
+        }
+        let mut inner = self.lock();
+        let old: HashMap<String, String> = inner
+            .rules
+            .iter()
+            .map(|r| (r.name.clone(), fingerprint(r)))
+            .collect();
+        let mut runtime = std::mem::take(&mut inner.runtime);
+        let mut next = HashMap::new();
+        for r in &loaded.rules {
+            let keep = old.get(&r.name).is_some_and(|f| *f == fingerprint(r));
+            let rt = if keep {
+                runtime.remove(&r.name).unwrap_or_default()
+            } else {
+                Runtime::default()
+            };
+            next.insert(r.name.clone(), rt);
+        }
+        // Series of rules that are gone must not linger on /metrics.
+        for gone in runtime.keys() {
+            for s in ["pending", "firing"] {
+                let _ = self.metrics.state.remove_label_values(&[gone, s]);
+            }
+            let _ = self.metrics.duration.remove_label_values(&[gone]);
+        }
+        let count = loaded.rules.len();
+        let hash = set_hash(&loaded.rules);
+        inner.rules = loaded.rules;
+        inner.runtime = next;
+        inner.reload = ReloadStatus {
+            success: true,
+            at_ms: now,
+            errors: Vec::new(),
+            warnings: text(&loaded.warnings),
+            hash,
+        };
+        drop(inner);
+        for w in &loaded.warnings {
+            tracing::warn!(warning = %w, "rule warning");
+        }
+        self.metrics.loaded.set(count as f64);
+        self.metrics.reload_ok.set(1.0);
+        self.metrics.reload_ts.set(now as f64 / 1000.0);
+        tracing::info!(rules = count, dir = %self.dir.display(), "rules loaded");
+        Ok(count)
+    }
+
+    fn failed(&self, errors: Vec<String>, warnings: Vec<String>, now: i64) -> Vec<String> {
+        for e in &errors {
+            tracing::error!(error = %e, "rule reload failed; keeping the running rules");
+        }
+        let mut inner = self.lock();
+        inner.reload = ReloadStatus {
+            success: false,
+            at_ms: now,
+            errors: errors.clone(),
+            warnings,
+            hash: inner.reload.hash.clone(),
+        };
+        self.metrics.reload_ok.set(0.0);
+        self.metrics.reload_ts.set(now as f64 / 1000.0);
+        errors
+    }
+
+    /// The last reload's outcome.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.lock().reload.clone()
+    }
+
+    /// Every rule's status.
+    pub fn status(&self) -> Vec<RuleStatus> {
+        let inner = self.lock();
+        inner
+            .rules
+            .iter()
+            .map(|r| {
+                let rt = inner.runtime.get(&r.name);
+                let mut instances: Vec<Instance> = rt
+                    .map(|rt| {
+                        rt.instances
+                            .iter()
+                            .map(|(l, (s, v))| Instance {
+                                labels: l
+                                    .iter()
+                                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                                    .collect(),
+                                state: *s,
+                                value: Some(*v),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                instances.sort_by(|a, b| a.labels.cmp(&b.labels));
+                RuleStatus {
+                    name: r.name.clone(),
+                    group: r.group.clone(),
+                    file: r.source.display().to_string(),
+                    expr: r.expr.text.clone(),
+                    clear: r.clear.as_ref().map(|q| q.text.clone()),
+                    health: match rt {
+                        Some(rt) if rt.last_error.is_some() => "err",
+                        Some(rt) if rt.last_evaluation_ms.is_some() => "ok",
+                        _ => "unknown",
+                    },
+                    last_error: rt.and_then(|rt| rt.last_error.clone()),
+                    last_evaluation_ms: rt.and_then(|rt| rt.last_evaluation_ms),
+                    evaluation_seconds: rt.map_or(0.0, |rt| rt.evaluation_seconds),
+                    instances,
+                }
+            })
+            .collect()
+    }
+
+    /// Evaluates every rule that is due at `now_ms`. Returns how many were evaluated.
+    pub fn tick(&self, now_ms: i64) -> usize {
+        let mut inner = self.lock();
+        let Loaded { rules, runtime, .. } = &mut *inner;
+        let mut evaluated = 0;
+        let mut requests = Vec::new();
+        for rule in rules.iter() {
+            let rt = runtime.entry(rule.name.clone()).or_default();
+            let due = rt.last_evaluation_ms.is_none_or(|t| {
+                now_ms - t >= i64::try_from(rule.interval.as_millis()).unwrap_or(i64::MAX) - 50
+            });
+            if !due {
+                continue;
+            }
+            evaluated += 1;
+            let started = Instant::now();
+            match self.evaluate(rule, rt, now_ms) {
+                Ok(mut r) => {
+                    rt.last_error = None;
+                    requests.append(&mut r);
+                }
+                Err(e) => {
+                    if rt.last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(rule = %rule.name, error = %e, "rule evaluation failed");
+                    }
+                    rt.last_error = Some(e);
+                    self.metrics.failures.with_label_values(&[&rule.name]).inc();
+                }
+            }
+            rt.last_evaluation_ms = Some(now_ms);
+            rt.evaluation_seconds = started.elapsed().as_secs_f64();
+            self.metrics
+                .duration
+                .with_label_values(&[&rule.name])
+                .set(rt.evaluation_seconds);
+            let count = |want: fn(&State) -> bool| {
+                rt.instances.values().filter(|(s, _)| want(s)).count() as f64
+            };
+            self.metrics
+                .state
+                .with_label_values(&[&rule.name, "pending"])
+                .set(count(|s| matches!(s, State::Pending { .. })));
+            self.metrics
+                .state
+                .with_label_values(&[&rule.name, "firing"])
+                .set(count(|s| matches!(s, State::Firing { .. })));
+        }
+        let snapshot = if evaluated > 0 {
+            Some(persisted(rules, runtime))
+        } else {
+            None
+        };
+        drop(inner);
+        for r in requests {
+            self.metrics.requests.with_label_values(&[&r.rule]).inc();
+            // A full channel means the actions stage is behind; the request is dropped and
+            // counted rather than blocking evaluation. It is only the edge that is lost: the
+            // rule stays firing and its `repeat`, if any, asks again.
+            if let Err(err) = self.requests.try_send(r) {
+                tracing::warn!(error = %err, "action request dropped: the actions stage is not keeping up");
+            }
+        }
+        if let (Some(snapshot), Some(path)) = (snapshot, &self.state_file) {
+            self.persist(path, &snapshot);
+        }
+        evaluated
+    }
+
+    fn evaluate(
+        &self,
+        rule: &Rule,
+        rt: &mut Runtime,
+        now_ms: i64,
+    ) -> Result<Vec<ActionRequest>, String> {
+        let ev = Evaluator::new(&*self.registry, now_ms);
+        let active = instances(ev.eval(&rule.expr)?, rule)?;
+        let clear = match &rule.clear {
+            Some(q) => Some(
+                instances(ev.eval(q)?, rule)?
+                    .into_keys()
+                    .collect::<HashSet<Labels>>(),
+            ),
+            None => None,
+        };
+        // No data at all behind the condition: `on_absent` decides.
+        let absent = active.is_empty() && !rule.expr.has_data(&*self.registry, now_ms);
+        if absent {
+            match rule.on_absent {
+                OnAbsent::Hold => return Ok(Vec::new()),
+                OnAbsent::Clear => {}
+                OnAbsent::Fire => {
+                    let mut keys: Vec<Labels> = rt.instances.keys().cloned().collect();
+                    if keys.is_empty() {
+                        keys.push(with_rule_labels(&Labels::empty(), rule));
+                    }
+                    let forced: HashMap<Labels, f64> =
+                        keys.into_iter().map(|k| (k, f64::NAN)).collect();
+                    return Ok(self.advance(rule, rt, &forced, None, now_ms));
+                }
+            }
+        }
+        Ok(self.advance(rule, rt, &active, clear.as_ref(), now_ms))
+    }
+
+    fn advance(
+        &self,
+        rule: &Rule,
+        rt: &mut Runtime,
+        active: &HashMap<Labels, f64>,
+        clear: Option<&HashSet<Labels>>,
+        now_ms: i64,
+    ) -> Vec<ActionRequest> {
+        let mut keys: HashSet<Labels> = rt.instances.keys().cloned().collect();
+        keys.extend(active.keys().cloned());
+        let mut requests = Vec::new();
+        for key in keys {
+            let (prev, last_value) = rt
+                .instances
+                .get(&key)
+                .copied()
+                .unwrap_or((State::Inactive, f64::NAN));
+            let value = active.get(&key).copied().unwrap_or(last_value);
+            let seen = Observed {
+                active: active.contains_key(&key),
+                clear: clear.map(|c| c.contains(&key)),
+            };
+            let step = state::step(prev, seen, now_ms, &rule.timing);
+            if step.request {
+                requests.push(ActionRequest {
+                    rule: rule.name.clone(),
+                    labels: key.clone(),
+                    value,
+                    mode: rule.mode,
+                    cooldown: rule.cooldown,
+                    allow_destructive: rule.allow_destructive,
+                    actions: rule.actions.clone(),
+                    at_ms: now_ms,
+                });
+            }
+            if step.resolved {
+                tracing::info!(rule = %rule.name, labels = %key, "rule resolved");
+            } else if step.request && !matches!(prev, State::Firing { .. }) {
+                tracing::info!(rule = %rule.name, labels = %key, value, "rule firing");
+            }
+            if matches!(step.state, State::Inactive) {
+                rt.instances.remove(&key);
+            } else {
+                rt.instances.insert(key, (step.state, value));
+            }
+        }
+        requests
+    }
+
+    fn persist(&self, path: &Path, snapshot: &Persisted) {
+        let Ok(bytes) = serde_json::to_vec(snapshot) else {
+            return;
+        };
+        let mut last = self
+            .last_persisted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *last == bytes {
+            return;
+        }
+        match write_atomically(path, &bytes) {
+            Ok(()) => *last = bytes,
+            Err(err) => {
+                tracing::warn!(error = %err, path = %path.display(), "persisting rule state failed")
+            }
+        }
+    }
+
+    /// Restores persisted state for rules whose definition is unchanged.
+    fn restore(&self) {
+        let Some(path) = &self.state_file else { return };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) => {
+                tracing::warn!(error = %err, path = %path.display(), "reading persisted rule state failed; starting fresh");
+                return;
+            }
+        };
+        let saved: Persisted = match serde_json::from_str(&text) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(error = %err, path = %path.display(), "persisted rule state unreadable; starting fresh");
+                return;
+            }
+        };
+        let mut inner = self.lock();
+        let Loaded { rules, runtime, .. } = &mut *inner;
+        let mut restored = 0;
+        for r in rules.iter() {
+            let Some(p) = saved.rules.get(&r.name) else {
+                continue;
+            };
+            if p.fingerprint != fingerprint(r) {
+                continue;
+            }
+            let rt = runtime.entry(r.name.clone()).or_default();
+            for i in &p.instances {
+                rt.instances.insert(
+                    Labels::new(i.labels.clone()),
+                    (i.state, i.value.unwrap_or(f64::NAN)),
+                );
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::info!(instances = restored, "rule state restored");
+        }
+    }
+
+    /// Evaluates on every rule's interval until shutdown, and reloads when asked.
+    pub async fn run(
+        self: Arc<Self>,
+        mut reloads: mpsc::Receiver<()>,
+        mut shutdown: crate::shutdown::Shutdown,
+    ) {
+        // One second: the finest group interval we accept; each rule is evaluated when due.
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                Some(()) = reloads.recv() => {
+                    let engine = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || engine.reload()).await;
+                }
+                _ = ticker.tick() => {
+                    let engine = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || engine.tick(crate::collect::now_ms())).await;
+                }
+            }
+        }
+    }
+}
+
+/// The instances a result stands for: its label sets without `__name__`, plus the rule's labels.
+fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> {
+    match value {
+        Value::Vector(v) => Ok(v
+            .into_iter()
+            .map(|s| (with_rule_labels(&s.labels, rule), s.value))
+            .collect()),
+        // A scalar condition holds when it is non-zero (`bool` comparisons give 0 or 1).
+        Value::Scalar(x) => Ok(if x != 0.0 && !x.is_nan() {
+            HashMap::from([(with_rule_labels(&Labels::empty(), rule), x)])
+        } else {
+            HashMap::new()
+        }),
+        Value::Matrix(_) => Err("the condition evaluates to a range vector".into()),
+    }
+}
+
+fn with_rule_labels(labels: &Labels, rule: &Rule) -> Labels {
+    Labels::new(
+        labels
+            .iter()
+            .filter(|(k, _)| *k != NAME)
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain(rule.labels.iter().map(|(k, v)| (k.clone(), v.clone()))),
+    )
+}
+
+/// What identifies a rule's definition: changed, it starts over.
+fn fingerprint(r: &Rule) -> String {
+    format!(
+        "{}|{:?}|{:?}|{:?}|{:?}",
+        r.expr.text,
+        r.clear.as_ref().map(|q| &q.text),
+        r.timing,
+        r.labels,
+        r.interval
+    )
+}
+
+fn set_hash(rules: &[Rule]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in rules {
+        r.name.hash(&mut h);
+        fingerprint(r).hash(&mut h);
+        format!("{:?}", r.actions).hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+fn persisted(rules: &[Rule], runtime: &HashMap<String, Runtime>) -> Persisted {
+    let mut out = Persisted::default();
+    for r in rules {
+        let Some(rt) = runtime.get(&r.name) else {
+            continue;
+        };
+        if rt.instances.is_empty() {
+            continue;
+        }
+        out.rules.insert(
+            r.name.clone(),
+            PersistedRule {
+                fingerprint: fingerprint(r),
+                instances: rt
+                    .instances
+                    .iter()
+                    .map(|(l, (s, v))| Instance {
+                        labels: l
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        state: *s,
+                        value: v.is_finite().then_some(*v),
+                    })
+                    .collect(),
+            },
+        );
+    }
+    out
+}
+
+/// Writes through a temporary file and a rename, so a crash leaves the old file or the new one,
+/// never half of one.
+fn write_atomically(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Watches `dir` for changes to rule files (editors save by rename, so the directory is
+/// watched, not the files) and sends a reload request 250 ms after the last change. Returns
+/// the watcher, which must be kept alive.
+pub fn watch(
+    dir: &Path,
+    reloads: mpsc::Sender<()>,
+) -> Result<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    notify::Error,
+> {
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        Duration::from_millis(250),
+        None,
+        move |result: notify_debouncer_full::DebounceEventResult| {
+            let relevant = match &result {
+                Ok(events) => events.iter().any(|e| {
+                    e.paths.iter().any(|p| {
+                        let name = p
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        !name.starts_with('.')
+                            && (name.ends_with(".yml") || name.ends_with(".yaml"))
+                    })
+                }),
+                Err(_) => true,
+            };
+            if relevant {
+                // A reload already queued covers this change too.
+                let _ = reloads.try_send(());
+            }
+        },
+    )?;
+    debouncer.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(debouncer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::Families;
+
+    fn publish_memory(r: &Registry, ratio: f64, at_ms: i64) {
+        let mut f = Families::new();
+        f.gauge("host_memory_usage_ratio", "h", &[], ratio);
+        r.publish("host", f.into_vec(), at_ms);
+    }
+
+    const RULE: &str = "groups:\n  - name: memory\n    interval: 5s\n    rules:\n      - name: HighMemory\n        expr: host_memory_usage_ratio > 0.8\n        for: 10s\n        clear: host_memory_usage_ratio < 0.7\n        labels: {severity: warning}\n        actions:\n          - redis_memory_purge: {}\n";
+
+    fn setup(
+        rules: &str,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Registry>,
+        Arc<Engine>,
+        mpsc::Receiver<ActionRequest>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/memory.yml"), rules).unwrap();
+        let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        let engine = Engine::new(
+            registry.clone(),
+            dir.path().join("rules"),
+            Some(dir.path()),
+            tx,
+        )
+        .unwrap();
+        (dir, registry, engine, rx)
+    }
+
+    #[test]
+    fn fires_after_for_requests_once_and_resolves_through_clear() {
+        let (_dir, r, engine, mut rx) = setup(RULE);
+        let s = 1000;
+        let mut requests = 0;
+        // Memory 0.9 from t=0; evaluations every 5 s.
+        for (t, ratio) in [
+            (0, 0.9),
+            (5, 0.9),
+            (10, 0.9),
+            (15, 0.9),
+            (20, 0.75),
+            (25, 0.65),
+            (30, 0.65),
+        ] {
+            publish_memory(&r, ratio, t * s);
+            engine.tick(t * s);
+            while let Ok(req) = rx.try_recv() {
+                requests += 1;
+                assert_eq!(req.rule, "HighMemory");
+                assert_eq!(req.labels.get("severity"), Some("warning"));
+                assert_eq!(req.labels.get(NAME), None);
+                assert_eq!(req.value, 0.9);
+                assert_eq!(req.actions[0].kind(), "redis_memory_purge");
+            }
+            let status = &engine.status()[0];
+            let state = status.instances.first().map(|i| i.state);
+            match t {
+                0 | 5 => assert!(
+                    matches!(state, Some(State::Pending { .. })),
+                    "t={t}: {state:?}"
+                ),
+                // At 0.75 it is below the condition but above the clear level: still firing.
+                10 | 15 | 20 => assert!(
+                    matches!(state, Some(State::Firing { .. })),
+                    "t={t}: {state:?}"
+                ),
+                _ => assert_eq!(state, None, "t={t}"),
+            }
+        }
+        assert_eq!(
+            requests, 1,
+            "one request on the firing edge, none on resolve"
+        );
+        let text = r.render();
+        assert!(
+            text.contains("autotuner_rule_action_requests_total{rule=\"HighMemory\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("autotuner_rules_last_reload_successful 1"));
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_the_running_rules_and_state_survives_a_good_one() {
+        let (dir, r, engine, _rx) = setup(RULE);
+        publish_memory(&r, 0.9, 0);
+        engine.tick(0);
+        assert_eq!(engine.status()[0].instances.len(), 1);
+        std::fs::write(
+            dir.path().join("rules/memory.yml"),
+            "groups: [ {name: x, rules: [ {name: A, expr: 'rate(x)'} ] } ]",
+        )
+        .unwrap();
+        let errors = engine.reload().unwrap_err();
+        assert!(errors[0].contains("invalid PromQL"), "{errors:?}");
+        assert_eq!(engine.status()[0].name, "HighMemory");
+        assert_eq!(engine.status()[0].instances.len(), 1, "state kept");
+        assert!(
+            r.render()
+                .contains("autotuner_rules_last_reload_successful 0")
+        );
+        // The same rule again (a comment added): unchanged, so its pending state stays.
+        std::fs::write(
+            dir.path().join("rules/memory.yml"),
+            format!("# edited\n{RULE}"),
+        )
+        .unwrap();
+        assert_eq!(engine.reload(), Ok(1));
+        assert_eq!(
+            engine.status()[0].instances.len(),
+            1,
+            "state kept across a reload"
+        );
+        assert!(engine.reload_status().success);
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let (dir, r, engine, _rx) = setup(RULE);
+        publish_memory(&r, 0.9, 0);
+        engine.tick(0);
+        publish_memory(&r, 0.9, 10_000);
+        engine.tick(10_000);
+        assert!(matches!(
+            engine.status()[0].instances[0].state,
+            State::Firing {
+                since_ms: 10_000,
+                ..
+            }
+        ));
+        drop(engine);
+        drop(r);
+        // A restart: a new process, a new registry.
+        let fresh = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+        let (tx, _rx2) = mpsc::channel(16);
+        let again = Engine::new(fresh, dir.path().join("rules"), Some(dir.path()), tx).unwrap();
+        assert!(matches!(
+            again.status()[0].instances[0].state,
+            State::Firing {
+                since_ms: 10_000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn on_absent_hold_keeps_state_through_a_data_gap() {
+        let (_dir, r, engine, _rx) = setup(RULE);
+        publish_memory(&r, 0.9, 0);
+        engine.tick(0);
+        // The series goes stale (the collector stopped publishing it): no data behind the rule.
+        r.publish("host", Vec::new(), 5_000);
+        engine.tick(5_000);
+        assert!(matches!(
+            engine.status()[0].instances[0].state,
+            State::Pending { .. }
+        ));
+    }
+}
