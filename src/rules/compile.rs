@@ -125,20 +125,22 @@ pub fn load_files(files: &[PathBuf]) -> Loaded {
     loaded
 }
 
+/// Whether a path names a rule file: `*.yml` or `*.yaml`, not hidden (editors' swap and backup
+/// files are hidden or end otherwise).
+pub fn is_rule_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    !name.starts_with('.') && (name.ends_with(".yml") || name.ends_with(".yaml"))
+}
+
 /// The rule files of a directory: `*.yml` and `*.yaml`, sorted, hidden and editor backup files
 /// left out.
 pub fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            !name.starts_with('.')
-                && (name.ends_with(".yml") || name.ends_with(".yaml"))
-                && p.is_file()
-        })
+        .filter(|p| is_rule_file(p) && p.is_file())
         .collect();
     files.sort();
     Ok(files)

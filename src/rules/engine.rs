@@ -337,14 +337,7 @@ impl Engine {
                     .map(|rt| {
                         rt.instances
                             .iter()
-                            .map(|(l, (s, v))| Instance {
-                                labels: l
-                                    .iter()
-                                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                                    .collect(),
-                                state: *s,
-                                value: Some(*v),
-                            })
+                            .map(|(l, (s, v))| instance(l, *s, *v))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -635,6 +628,18 @@ fn with_rule_labels(labels: &Labels, rule: &Rule) -> Labels {
     )
 }
 
+/// An instance as shown and persisted (a non-finite value, which JSON cannot hold, as none).
+fn instance(labels: &Labels, state: State, value: f64) -> Instance {
+    Instance {
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        state,
+        value: value.is_finite().then_some(value),
+    }
+}
+
 /// What identifies a rule's definition: changed, it starts over.
 fn fingerprint(r: &Rule) -> String {
     format!(
@@ -674,14 +679,7 @@ fn persisted(rules: &[Rule], runtime: &HashMap<String, Runtime>) -> Persisted {
                 instances: rt
                     .instances
                     .iter()
-                    .map(|(l, (s, v))| Instance {
-                        labels: l
-                            .iter()
-                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            .collect(),
-                        state: *s,
-                        value: v.is_finite().then_some(*v),
-                    })
+                    .map(|(l, (s, v))| instance(l, *s, *v))
                     .collect(),
             },
         );
@@ -720,16 +718,9 @@ pub fn watch(
         None,
         move |result: notify_debouncer_full::DebounceEventResult| {
             let relevant = match &result {
-                Ok(events) => events.iter().any(|e| {
-                    e.paths.iter().any(|p| {
-                        let name = p
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        !name.starts_with('.')
-                            && (name.ends_with(".yml") || name.ends_with(".yaml"))
-                    })
-                }),
+                Ok(events) => events
+                    .iter()
+                    .any(|e| e.paths.iter().any(|p| compile::is_rule_file(p))),
                 Err(_) => true,
             };
             if relevant {
