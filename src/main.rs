@@ -5,7 +5,9 @@
 
 use std::process::ExitCode;
 
-use autotuner::settings::{CheckCommand, Cli, Command, Config, LogFormat, RunFlags, Settings};
+use autotuner::settings::{
+    CheckCommand, Cli, Command, Config, LogFormat, RunFlags, Settings, TestCommand,
+};
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -20,6 +22,9 @@ fn main() -> ExitCode {
         Some(Command::Check {
             what: CheckCommand::Rules { files },
         }) => check_rules(&files),
+        Some(Command::Test {
+            what: TestCommand::Rules { files },
+        }) => test_rules(&files),
         None => run(&cli.run),
     }
 }
@@ -68,6 +73,29 @@ fn check_rules(files: &[std::path::PathBuf]) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `autotuner test rules FILE...`, in the promtool style.
+fn test_rules(files: &[std::path::PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        println!("Unit Testing:  {}", file.display());
+        let failures = autotuner::rules::unit::run_file(file);
+        if failures.is_empty() {
+            println!("  SUCCESS");
+        } else {
+            failed = true;
+            println!("  FAILED:");
+            for f in failures {
+                println!("    {f}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

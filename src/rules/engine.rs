@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::compile::{self, Problem, Rule};
-use super::expr::{Evaluator, NAME, Value};
+use super::expr::{Evaluator, NAME, SeriesSource, Value};
 use super::file::{Mode, OnAbsent};
 use super::state::{self, Observed, State};
 use crate::actions::ActionSpec;
@@ -104,8 +104,9 @@ pub struct ReloadStatus {
 
 /// Per-rule run-time state.
 #[derive(Debug, Default)]
-struct Runtime {
-    instances: HashMap<Labels, (State, f64)>,
+pub(crate) struct Runtime {
+    /// Each instance's state and last value.
+    pub(crate) instances: HashMap<Labels, (State, f64)>,
     last_error: Option<String>,
     last_evaluation_ms: Option<i64>,
     evaluation_seconds: f64,
@@ -378,7 +379,7 @@ impl Engine {
             }
             evaluated += 1;
             let started = Instant::now();
-            match self.evaluate(rule, rt, now_ms) {
+            match evaluate(&*self.registry, rule, rt, now_ms) {
                 Ok(mut r) => {
                     rt.last_error = None;
                     requests.append(&mut r);
@@ -428,91 +429,6 @@ impl Engine {
             self.persist(path, &snapshot);
         }
         evaluated
-    }
-
-    fn evaluate(
-        &self,
-        rule: &Rule,
-        rt: &mut Runtime,
-        now_ms: i64,
-    ) -> Result<Vec<ActionRequest>, String> {
-        let ev = Evaluator::new(&*self.registry, now_ms);
-        let active = instances(ev.eval(&rule.expr)?, rule)?;
-        let clear = match &rule.clear {
-            Some(q) => Some(
-                instances(ev.eval(q)?, rule)?
-                    .into_keys()
-                    .collect::<HashSet<Labels>>(),
-            ),
-            None => None,
-        };
-        // No data at all behind the condition: `on_absent` decides.
-        let absent = active.is_empty() && !rule.expr.has_data(&*self.registry, now_ms);
-        if absent {
-            match rule.on_absent {
-                OnAbsent::Hold => return Ok(Vec::new()),
-                OnAbsent::Clear => {}
-                OnAbsent::Fire => {
-                    let mut keys: Vec<Labels> = rt.instances.keys().cloned().collect();
-                    if keys.is_empty() {
-                        keys.push(with_rule_labels(&Labels::empty(), rule));
-                    }
-                    let forced: HashMap<Labels, f64> =
-                        keys.into_iter().map(|k| (k, f64::NAN)).collect();
-                    return Ok(self.advance(rule, rt, &forced, None, now_ms));
-                }
-            }
-        }
-        Ok(self.advance(rule, rt, &active, clear.as_ref(), now_ms))
-    }
-
-    fn advance(
-        &self,
-        rule: &Rule,
-        rt: &mut Runtime,
-        active: &HashMap<Labels, f64>,
-        clear: Option<&HashSet<Labels>>,
-        now_ms: i64,
-    ) -> Vec<ActionRequest> {
-        let mut keys: HashSet<Labels> = rt.instances.keys().cloned().collect();
-        keys.extend(active.keys().cloned());
-        let mut requests = Vec::new();
-        for key in keys {
-            let (prev, last_value) = rt
-                .instances
-                .get(&key)
-                .copied()
-                .unwrap_or((State::Inactive, f64::NAN));
-            let value = active.get(&key).copied().unwrap_or(last_value);
-            let seen = Observed {
-                active: active.contains_key(&key),
-                clear: clear.map(|c| c.contains(&key)),
-            };
-            let step = state::step(prev, seen, now_ms, &rule.timing);
-            if step.request {
-                requests.push(ActionRequest {
-                    rule: rule.name.clone(),
-                    labels: key.clone(),
-                    value,
-                    mode: rule.mode,
-                    cooldown: rule.cooldown,
-                    allow_destructive: rule.allow_destructive,
-                    actions: rule.actions.clone(),
-                    at_ms: now_ms,
-                });
-            }
-            if step.resolved {
-                tracing::info!(rule = %rule.name, labels = %key, "rule resolved");
-            } else if step.request && !matches!(prev, State::Firing { .. }) {
-                tracing::info!(rule = %rule.name, labels = %key, value, "rule firing");
-            }
-            if matches!(step.state, State::Inactive) {
-                rt.instances.remove(&key);
-            } else {
-                rt.instances.insert(key, (step.state, value));
-            }
-        }
-        requests
     }
 
     fn persist(&self, path: &Path, snapshot: &Persisted) {
@@ -599,6 +515,92 @@ impl Engine {
             }
         }
     }
+}
+
+/// Evaluates one rule at `now_ms` over `source`, advancing each instance's state, and returns the
+/// action requests it makes.
+pub(crate) fn evaluate<S: SeriesSource>(
+    source: &S,
+    rule: &Rule,
+    rt: &mut Runtime,
+    now_ms: i64,
+) -> Result<Vec<ActionRequest>, String> {
+    let ev = Evaluator::new(source, now_ms);
+    let active = instances(ev.eval(&rule.expr)?, rule)?;
+    let clear = match &rule.clear {
+        Some(q) => Some(
+            instances(ev.eval(q)?, rule)?
+                .into_keys()
+                .collect::<HashSet<Labels>>(),
+        ),
+        None => None,
+    };
+    // No data at all behind the condition: `on_absent` decides.
+    let absent = active.is_empty() && !rule.expr.has_data(source, now_ms);
+    if absent {
+        match rule.on_absent {
+            OnAbsent::Hold => return Ok(Vec::new()),
+            OnAbsent::Clear => {}
+            OnAbsent::Fire => {
+                let mut keys: Vec<Labels> = rt.instances.keys().cloned().collect();
+                if keys.is_empty() {
+                    keys.push(with_rule_labels(&Labels::empty(), rule));
+                }
+                let forced: HashMap<Labels, f64> =
+                    keys.into_iter().map(|k| (k, f64::NAN)).collect();
+                return Ok(advance(rule, rt, &forced, None, now_ms));
+            }
+        }
+    }
+    Ok(advance(rule, rt, &active, clear.as_ref(), now_ms))
+}
+
+fn advance(
+    rule: &Rule,
+    rt: &mut Runtime,
+    active: &HashMap<Labels, f64>,
+    clear: Option<&HashSet<Labels>>,
+    now_ms: i64,
+) -> Vec<ActionRequest> {
+    let mut keys: HashSet<Labels> = rt.instances.keys().cloned().collect();
+    keys.extend(active.keys().cloned());
+    let mut requests = Vec::new();
+    for key in keys {
+        let (prev, last_value) = rt
+            .instances
+            .get(&key)
+            .copied()
+            .unwrap_or((State::Inactive, f64::NAN));
+        let value = active.get(&key).copied().unwrap_or(last_value);
+        let seen = Observed {
+            active: active.contains_key(&key),
+            clear: clear.map(|c| c.contains(&key)),
+        };
+        let step = state::step(prev, seen, now_ms, &rule.timing);
+        if step.request {
+            requests.push(ActionRequest {
+                rule: rule.name.clone(),
+                labels: key.clone(),
+                value,
+                mode: rule.mode,
+                cooldown: rule.cooldown,
+                allow_destructive: rule.allow_destructive,
+                actions: rule.actions.clone(),
+                at_ms: now_ms,
+            });
+        }
+        if step.resolved {
+            tracing::info!(rule = %rule.name, labels = %key, "rule resolved");
+        } else if step.request && !matches!(prev, State::Firing { .. }) {
+            tracing::info!(rule = %rule.name, labels = %key, value, "rule firing");
+        }
+        if matches!(step.state, State::Inactive) {
+            rt.instances.remove(&key);
+        } else {
+            rt.instances.insert(key, (step.state, value));
+        }
+    }
+    requests
 }
 
 /// The instances a result stands for: its label sets without `__name__`, plus the rule's labels.

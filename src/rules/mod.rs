@@ -11,3 +11,4 @@ pub mod engine;
 pub mod expr;
 pub mod file;
 pub mod state;
+pub mod unit;

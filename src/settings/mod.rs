@@ -60,6 +60,23 @@ pub enum Command {
         #[command(subcommand)]
         what: CheckCommand,
     },
+    /// Run unit tests; exit 0 when all pass, 1 otherwise.
+    Test {
+        /// What to test.
+        #[command(subcommand)]
+        what: TestCommand,
+    },
+}
+
+/// What `test` runs.
+#[derive(Debug, Subcommand)]
+pub enum TestCommand {
+    /// Run rule unit tests in promtool's test-file format (plus `action_test`).
+    Rules {
+        /// The test files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// What `check` validates.

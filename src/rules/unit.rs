@@ -1,0 +1,407 @@
+//! Rule unit tests in promtool's own test-file format (`rule_files`, `evaluation_interval`,
+//! `tests` with `input_series` in the expanding notation, `promql_expr_test`, `alert_rule_test`),
+//! extended with `action_test`: the action requests a rule makes at a given time. A file of
+//! `promql_expr_test` cases (with `rule_files: []`) runs under `promtool test rules` too, which
+//! is how the evaluator is checked against the real Prometheus.
+//!
+//! Uses `compile` (the rules under test), `expr` (evaluation over `MemorySeries`), `engine`
+//! (the same per-rule evaluation the running engine does) and `yaml`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::compile::{self, Rule};
+use super::engine::{self, Runtime};
+use super::expr::memory::{MemorySeries, parse_labels};
+use super::expr::{Evaluator, NAME, Query, Value};
+use super::state::State;
+use crate::sample::Labels;
+use crate::yaml;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    #[serde(default)]
+    rule_files: Vec<String>,
+    evaluation_interval: Option<String>,
+    /// Accepted for promtool compatibility; groups are evaluated in file order.
+    #[serde(default)]
+    #[allow(dead_code)]
+    group_eval_order: Vec<String>,
+    tests: Vec<TestGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestGroup {
+    name: Option<String>,
+    interval: Option<String>,
+    #[serde(default)]
+    input_series: Vec<InputSeries>,
+    #[serde(default)]
+    promql_expr_test: Vec<ExprTest>,
+    #[serde(default)]
+    alert_rule_test: Vec<AlertTest>,
+    #[serde(default)]
+    action_test: Vec<ActionTest>,
+    /// Accepted for promtool compatibility; not used by our rules.
+    #[serde(default)]
+    #[allow(dead_code)]
+    external_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputSeries {
+    series: String,
+    values: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExprTest {
+    expr: String,
+    eval_time: String,
+    #[serde(default)]
+    exp_samples: Vec<ExpSample>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpSample {
+    labels: String,
+    value: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertTest {
+    eval_time: String,
+    alertname: String,
+    #[serde(default)]
+    exp_alerts: Vec<ExpAlert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpAlert {
+    #[serde(default)]
+    exp_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    exp_annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionTest {
+    eval_time: String,
+    rule: String,
+    #[serde(default)]
+    exp_requests: Vec<ExpRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpRequest {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    actions: Vec<String>,
+}
+
+/// A duration that may be zero (`0`, `0s`, `5m`, `1h30m`), in milliseconds.
+fn time_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if t.trim_start_matches('0')
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .is_empty()
+    {
+        return Ok(0);
+    }
+    crate::settings::HumanDuration::parse(t)
+        .map(|d| i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs the unit tests in `file`; returns every failure (empty: all passed).
+pub fn run_file(file: &Path) -> Vec<String> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("{}: reading: {e}", file.display())],
+    };
+    let spec: TestFile = match yaml::from_str(&text) {
+        Ok((s, _)) => s,
+        Err(diags) => {
+            return diags
+                .iter()
+                .map(|d| format!("{}:{d}", file.display()))
+                .collect();
+        }
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let rule_files: Vec<PathBuf> = spec.rule_files.iter().map(|f| base.join(f)).collect();
+    let loaded = compile::load_files(&rule_files);
+    if !loaded.errors.is_empty() {
+        return loaded.errors.iter().map(ToString::to_string).collect();
+    }
+    let default_interval = match spec.evaluation_interval.as_deref().map(time_ms).transpose() {
+        Ok(v) => v.unwrap_or(60_000).max(1),
+        Err(e) => return vec![format!("{}: evaluation_interval: {e}", file.display())],
+    };
+    let mut failures = Vec::new();
+    for (i, group) in spec.tests.iter().enumerate() {
+        let name = group.name.clone().unwrap_or_else(|| format!("tests[{i}]"));
+        if let Err(e) = run_group(group, &loaded.rules, default_interval, &mut failures, &name) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    failures
+}
+
+fn run_group(
+    group: &TestGroup,
+    rules: &[Rule],
+    eval_interval: i64,
+    failures: &mut Vec<String>,
+    name: &str,
+) -> Result<(), String> {
+    let step = group
+        .interval
+        .as_deref()
+        .map(time_ms)
+        .transpose()?
+        .unwrap_or(eval_interval)
+        .max(1);
+    let mut series = MemorySeries::new();
+    for s in &group.input_series {
+        series.load_line(&format!("{} {}", s.series, s.values), 0, step)?;
+    }
+
+    for t in &group.promql_expr_test {
+        let at = time_ms(&t.eval_time)?;
+        let query = Query::parse(&t.expr).map_err(|e| format!("{}: {e}", t.expr))?;
+        let got: Vec<(Labels, f64)> = match Evaluator::new(&series, at).eval(&query)? {
+            Value::Scalar(v) => vec![(Labels::empty(), v)],
+            Value::Vector(v) => v.into_iter().map(|s| (s.labels, s.value)).collect(),
+            Value::Matrix(_) => return Err(format!("{}: a range vector", t.expr)),
+        };
+        let mut want = Vec::new();
+        for e in &t.exp_samples {
+            let labels = if e.labels.trim() == "{}" {
+                Labels::empty()
+            } else {
+                parse_labels(&e.labels)?
+            };
+            want.push((labels, e.value));
+        }
+        let same = got.len() == want.len()
+            && want
+                .iter()
+                .all(|(l, v)| got.iter().any(|(gl, gv)| gl == l && close(*gv, *v)));
+        if !same {
+            failures.push(format!(
+                "{name}: expr {:?} at {}: expected {}, got {}",
+                t.expr,
+                t.eval_time,
+                show(&want),
+                show(&got)
+            ));
+        }
+    }
+
+    // Alert and action tests: evaluate every rule at every interval up to the last time asked.
+    let times: Vec<i64> = group
+        .alert_rule_test
+        .iter()
+        .map(|a| time_ms(&a.eval_time))
+        .chain(group.action_test.iter().map(|a| time_ms(&a.eval_time)))
+        .collect::<Result<_, _>>()?;
+    let Some(&last) = times.iter().max() else {
+        return Ok(());
+    };
+    let mut runtimes: BTreeMap<&str, Runtime> = BTreeMap::new();
+    let mut states_at: BTreeMap<i64, BTreeMap<String, Vec<Seen>>> = BTreeMap::new();
+    let mut requests_at: BTreeMap<(i64, String), Vec<Requested>> = BTreeMap::new();
+    let mut t = 0;
+    while t <= last {
+        for rule in rules {
+            let rt = runtimes.entry(rule.name.as_str()).or_default();
+            let requests = engine::evaluate(&series, rule, rt, t)
+                .map_err(|e| format!("rule {} at {}ms: {e}", rule.name, t))?;
+            for r in requests {
+                let kinds = r.actions.iter().map(|a| a.kind().to_owned()).collect();
+                requests_at
+                    .entry((t, rule.name.clone()))
+                    .or_default()
+                    .push((r.labels, kinds));
+            }
+            let snapshot = rt
+                .instances
+                .iter()
+                .map(|(l, (s, v))| (l.clone(), *s, *v))
+                .collect();
+            states_at
+                .entry(t)
+                .or_default()
+                .insert(rule.name.clone(), snapshot);
+        }
+        t += eval_interval;
+    }
+
+    for a in &group.alert_rule_test {
+        let at = time_ms(&a.eval_time)?;
+        let rule = rules
+            .iter()
+            .find(|r| r.name == a.alertname)
+            .ok_or_else(|| format!("no rule named {:?}", a.alertname))?;
+        // The latest evaluation at or before the time asked.
+        let firing: Vec<(BTreeMap<String, String>, BTreeMap<String, String>)> = states_at
+            .range(..=at)
+            .next_back()
+            .and_then(|(_, m)| m.get(&a.alertname))
+            .map(|instances| {
+                instances
+                    .iter()
+                    .filter(|(_, s, _)| matches!(s, State::Firing { .. }))
+                    .map(|(l, _, v)| {
+                        let mut labels: BTreeMap<String, String> = l
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect();
+                        let annotations = rule
+                            .annotations
+                            .iter()
+                            .map(|(k, t)| (k.clone(), template(t, &labels, *v)))
+                            .collect();
+                        labels.insert("alertname".into(), a.alertname.clone());
+                        (labels, annotations)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: BTreeSet<_> = a
+            .exp_alerts
+            .iter()
+            .map(|e| (e.exp_labels.clone(), e.exp_annotations.clone()))
+            .collect();
+        let got: BTreeSet<_> = firing.into_iter().collect();
+        if want != got {
+            failures.push(format!(
+                "{name}: alertname {:?} at {}: expected {want:?}, got {got:?}",
+                a.alertname, a.eval_time
+            ));
+        }
+    }
+
+    for a in &group.action_test {
+        let at = time_ms(&a.eval_time)?;
+        let got: BTreeSet<(BTreeMap<String, String>, Vec<String>)> = requests_at
+            .get(&(at, a.rule.clone()))
+            .map(|v| {
+                v.iter()
+                    .map(|(l, k)| {
+                        (
+                            l.iter()
+                                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                                .collect(),
+                            k.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: BTreeSet<_> = a
+            .exp_requests
+            .iter()
+            .map(|e| (e.labels.clone(), e.actions.clone()))
+            .collect();
+        if want != got {
+            failures.push(format!(
+                "{name}: rule {:?} at {}: expected requests {want:?}, got {got:?}",
+                a.rule, a.eval_time
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An instance seen at one evaluation: labels, state, value.
+type Seen = (Labels, State, f64);
+
+/// A request made at one evaluation: labels and action kinds.
+type Requested = (Labels, Vec<String>);
+
+fn close(a: f64, b: f64) -> bool {
+    a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+fn show(v: &[(Labels, f64)]) -> String {
+    let items: Vec<String> = v
+        .iter()
+        .map(|(l, x)| {
+            let name = l.get(NAME).unwrap_or("");
+            let rest = Labels::new(l.iter().filter(|(k, _)| *k != NAME));
+            format!("{name}{rest} {x}")
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Fills `{{ $value }}` and `{{ $labels.name }}` in an annotation, as Prometheus's templates
+/// do for those two forms.
+pub fn template(text: &str, labels: &BTreeMap<String, String>, value: f64) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let inner = rest[start + 2..start + end].trim();
+        match inner {
+            "$value" => out.push_str(&format_value(value)),
+            _ => match inner.strip_prefix("$labels.") {
+                Some(name) => out.push_str(labels.get(name).map_or("", String::as_str)),
+                None => out.push_str(&rest[start..start + end + 2]),
+            },
+        }
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A value as Go's `%v` prints a float64 in templates (`0.9`, `5`, `1e+21`).
+fn format_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_value_and_labels() {
+        let labels = BTreeMap::from([("target".to_owned(), "cache".to_owned())]);
+        assert_eq!(
+            template("{{ $labels.target }} at {{$value}}", &labels, 0.25),
+            "cache at 0.25"
+        );
+        assert_eq!(
+            template("no {{ .Other }} here", &labels, 1.0),
+            "no {{ .Other }} here"
+        );
+    }
+}
