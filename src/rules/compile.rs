@@ -282,6 +282,11 @@ impl Compiler<'_> {
                 None
             }
         };
+        if let (Some(e), Some(c)) = (&expr, &clear)
+            && let Some(message) = overlap(e, c)
+        {
+            self.warning(&at("clear"), message);
+        }
         let hold = spec.for_.map_or(Duration::ZERO, |d| d.0);
         if !hold.is_zero() && hold < interval {
             self.warning(
@@ -353,6 +358,24 @@ impl Compiler<'_> {
             });
         }
     }
+}
+
+/// For the common threshold form (`m > 0.8` with `clear: m < 0.7`): a `clear` that can hold
+/// while `expr` does would resolve a rule whose condition still holds, so it flaps.
+fn overlap(expr: &Query, clear: &Query) -> Option<String> {
+    let (e_sel, e_lo, e_hi) = expr.threshold()?;
+    let (c_sel, c_lo, c_hi) = clear.threshold()?;
+    if e_sel != c_sel {
+        return None;
+    }
+    let lo = e_lo.max(c_lo);
+    let hi = e_hi.min(c_hi);
+    (lo < hi).then(|| {
+        format!(
+            "`clear` ({}) can hold while `expr` ({}) does: the rule would resolve while its condition still holds; use a threshold on the other side of the condition's",
+            clear.text, expr.text
+        )
+    })
 }
 
 #[cfg(test)]
@@ -438,6 +461,29 @@ mod tests {
                 .diagnostic
                 .message
                 .contains("shorter than the group interval")
+        );
+    }
+
+    #[test]
+    fn a_clear_overlapping_the_condition_is_a_warning() {
+        let (_d, l) = load(&[(
+            "a.yml",
+            "groups:\n  - name: g\n    rules:\n      - name: A\n        expr: m > 0.8\n        clear: m < 0.9\n      - name: B\n        expr: m > 0.8\n        clear: m < 0.7\n      - name: C\n        expr: m < 0.5\n        clear: 0.4 < m\n",
+        )]);
+        assert!(l.errors.is_empty());
+        let w: Vec<String> = l
+            .warnings
+            .iter()
+            .map(|p| p.diagnostic.to_string())
+            .collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("6:16: `clear` (m < 0.9) can hold"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("12:16: `clear` (0.4 < m) can hold"),
+            "{w:?}"
         );
     }
 

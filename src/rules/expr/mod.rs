@@ -119,6 +119,40 @@ impl Query {
         })
     }
 
+    /// For a plain threshold (`selector OP number`, or `number OP selector`): the selector as
+    /// written and the range of values that satisfy it, `(low, high)`; whether a bound itself
+    /// satisfies it is not told (the lint that uses it only looks at overlaps of positive
+    /// width).
+    pub fn threshold(&self) -> Option<(String, f64, f64)> {
+        use promql_parser::parser::token::{T_GTE, T_GTR, T_LSS, T_LTE};
+        let mut e = &self.expr;
+        while let Expr::Paren(p) = e {
+            e = &p.expr;
+        }
+        let Expr::Binary(b) = e else { return None };
+        if b.modifier.as_ref().is_some_and(|m| m.return_bool) {
+            return None;
+        }
+        let (sel, n, flipped) = match (b.lhs.as_ref(), b.rhs.as_ref()) {
+            (Expr::VectorSelector(_), Expr::NumberLiteral(n)) => (b.lhs.to_string(), n.val, false),
+            (Expr::NumberLiteral(n), Expr::VectorSelector(_)) => (b.rhs.to_string(), n.val, true),
+            _ => return None,
+        };
+        // `n < m` is `m > n`.
+        let id = match (b.op.id(), flipped) {
+            (T_GTR, true) => T_LSS,
+            (T_LSS, true) => T_GTR,
+            (T_GTE, true) => T_LTE,
+            (T_LTE, true) => T_GTE,
+            (id, _) => id,
+        };
+        match id {
+            T_GTR | T_GTE => Some((sel, n, f64::INFINITY)),
+            T_LSS | T_LTE => Some((sel, f64::NEG_INFINITY, n)),
+            _ => None,
+        }
+    }
+
     pub(crate) fn expr(&self) -> &Expr {
         &self.expr
     }
