@@ -365,6 +365,15 @@ impl Engine {
 
     /// Evaluates every rule that is due at `now_ms`. Returns how many were evaluated.
     pub fn tick(&self, now_ms: i64) -> usize {
+        self.tick_where(now_ms, false)
+    }
+
+    /// Evaluates every rule at `now_ms`, due or not (benchmarks, and on-demand runs).
+    pub fn tick_all(&self, now_ms: i64) -> usize {
+        self.tick_where(now_ms, true)
+    }
+
+    fn tick_where(&self, now_ms: i64, all: bool) -> usize {
         let mut inner = self.lock();
         let Loaded { rules, runtime, .. } = &mut *inner;
         let mut evaluated = 0;
@@ -374,7 +383,7 @@ impl Engine {
             let due = rt.last_evaluation_ms.is_none_or(|t| {
                 now_ms - t >= i64::try_from(rule.interval.as_millis()).unwrap_or(i64::MAX) - 50
             });
-            if !due {
+            if !due && !all {
                 continue;
             }
             evaluated += 1;
