@@ -141,7 +141,7 @@ impl Registry {
         {
             let mut history = lock(&self.history);
             history.append(collector, &families, at_ms);
-            self.own.history_series.set(history.series.len() as f64);
+            self.own.history_series.set(history.series as f64);
             self.own.history_points.set(history.points as f64);
         }
         let samples = families.iter().map(|f| f.samples.len()).sum();
@@ -215,21 +215,17 @@ impl Registry {
         out
     }
 
-    /// The stored points of every series named `name` with a point in `[start_ms, end_ms]`.
+    /// The stored points of every series named `name` with a point in `[start_ms, end_ms]`,
+    /// by label set (without `__name__`).
     pub fn range(&self, name: &str, start_ms: i64, end_ms: i64) -> Vec<(Labels, Vec<Point>)> {
         let history = lock(&self.history);
-        let Some(by_labels) = history.by_name.get(name) else {
+        let Some(series) = history.by_name.get(name) else {
             return Vec::new();
         };
-        let mut out: Vec<(Labels, Vec<Point>)> = by_labels
+        let mut out: Vec<(Labels, Vec<Point>)> = series
             .iter()
-            .filter_map(|labels| {
-                let points = history.series.get(&(name.to_owned(), labels.clone()))?;
-                let selected: Vec<Point> = points
-                    .iter()
-                    .filter(|p| p.t_ms >= start_ms && p.t_ms <= end_ms)
-                    .copied()
-                    .collect();
+            .filter_map(|(labels, s)| {
+                let selected = s.between(start_ms, end_ms);
                 (!selected.is_empty()).then(|| (labels.clone(), selected))
             })
             .collect();
@@ -238,44 +234,38 @@ impl Registry {
     }
 
     /// Every stored series accepted by `keep(name, labels)` (with `name` given, only that
-    /// metric's), with its points in `[start_ms, end_ms]`; series without points there are left
-    /// out. The read side of the history for the rule engine.
+    /// metric's), as its label set with `__name__` and its points in `[start_ms, end_ms]`;
+    /// series without points there are left out. The read side of the history for the rule
+    /// engine.
     pub fn select(
         &self,
         name: Option<&str>,
         keep: impl Fn(&str, &Labels) -> bool,
         start_ms: i64,
         end_ms: i64,
-    ) -> Vec<(String, Labels, Vec<Point>)> {
+    ) -> Vec<(Labels, Vec<Point>)> {
         let history = lock(&self.history);
-        let names: Vec<&String> = match name {
-            Some(n) => history
-                .by_name
-                .get_key_value(n)
-                .map(|(k, _)| k)
-                .into_iter()
-                .collect(),
-            None => history.by_name.keys().collect(),
-        };
         let mut out = Vec::new();
-        for n in names {
-            let Some(sets) = history.by_name.get(n) else {
-                continue;
-            };
-            for labels in sets {
+        let mut visit = |n: &str, series: &HashMap<Labels, Series>| {
+            for (labels, s) in series {
                 if !keep(n, labels) {
                     continue;
                 }
-                let Some(points) = history.series.get(&(n.clone(), labels.clone())) else {
-                    continue;
-                };
-                let selected: Vec<Point> = points
-                    .iter()
-                    .filter(|p| p.t_ms >= start_ms && p.t_ms <= end_ms)
-                    .copied()
-                    .collect();
+                let selected = s.between(start_ms, end_ms);
                 if !selected.is_empty() {
-                    out.push((n.clone(), labels.clone(), selected));
+                    out.push((s.full.clone(), selected));
+                }
+            }
+        };
+        match name {
+            Some(n) => {
+                if let Some(series) = history.by_name.get(n) {
+                    visit(n, series);
+                }
+            }
+            None => {
+                for (n, series) in &history.by_name {
+                    visit(n, series);
                 }
             }
         }
@@ -294,7 +284,7 @@ impl Registry {
     /// Series and points held in the history (also published as self-metrics).
     pub fn history_size(&self) -> (usize, usize) {
         let history = lock(&self.history);
-        (history.series.len(), history.points)
+        (history.series, history.points)
     }
 }
 
@@ -364,15 +354,30 @@ fn encode_merged(snapshots: &[Arc<Vec<Family>>]) -> String {
     out
 }
 
-/// Bounded history: for each series, its points within the retention.
+/// One stored series: its label set with `__name__` (built once, handed out by reference
+/// count) and its points within the retention.
+struct Series {
+    full: Labels,
+    points: VecDeque<Point>,
+}
+
+impl Series {
+    /// The points in `[start_ms, end_ms]`, found by binary search: series are in time order.
+    fn between(&self, start_ms: i64, end_ms: i64) -> Vec<Point> {
+        let from = self.points.partition_point(|p| p.t_ms < start_ms);
+        let to = self.points.partition_point(|p| p.t_ms <= end_ms);
+        self.points.range(from..to.max(from)).copied().collect()
+    }
+}
+
+/// Bounded history: for each metric name and label set, its points within the retention.
 struct History {
     retention_ms: i64,
-    series: HashMap<(String, Labels), VecDeque<Point>>,
-    /// Label sets of each metric name, for selecting by name.
-    by_name: HashMap<String, HashSet<Labels>>,
+    by_name: HashMap<String, HashMap<Labels, Series>>,
     /// The series each collector published last time, to mark the ones it stops publishing.
     by_collector: HashMap<String, HashSet<(String, Labels)>>,
-    /// Total points held, kept up to date to publish it without a walk.
+    /// Series and points held, kept up to date to publish them without a walk.
+    series: usize,
     points: usize,
 }
 
@@ -380,9 +385,9 @@ impl History {
     fn new(retention: Duration) -> Self {
         History {
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-            series: HashMap::new(),
             by_name: HashMap::new(),
             by_collector: HashMap::new(),
+            series: 0,
             points: 0,
         }
     }
@@ -391,24 +396,25 @@ impl History {
         let mut now_present: HashSet<(String, Labels)> = HashSet::new();
         for family in families {
             for sample in &family.samples {
-                let key = (family.name.clone(), sample.labels.clone());
                 self.push(
-                    &key,
+                    &family.name,
+                    &sample.labels,
                     Point {
                         t_ms: at_ms,
                         v: sample.value,
                     },
                 );
-                now_present.insert(key);
+                now_present.insert((family.name.clone(), sample.labels.clone()));
             }
         }
         let before = self
             .by_collector
             .insert(collector.to_owned(), now_present.clone())
             .unwrap_or_default();
-        for gone in before.difference(&now_present) {
+        for (name, labels) in before.difference(&now_present) {
             self.push(
-                gone,
+                name,
+                labels,
                 Point {
                     t_ms: at_ms,
                     v: f64::from_bits(STALE_NAN_BITS),
@@ -418,44 +424,57 @@ impl History {
         self.prune(at_ms);
     }
 
-    fn push(&mut self, key: &(String, Labels), point: Point) {
-        let points = self.series.entry(key.clone()).or_insert_with(|| {
-            self.by_name
-                .entry(key.0.clone())
-                .or_default()
-                .insert(key.1.clone());
-            VecDeque::new()
-        });
+    fn push(&mut self, name: &str, labels: &Labels, point: Point) {
+        let by_labels = match self.by_name.get_mut(name) {
+            Some(m) => m,
+            None => self.by_name.entry(name.to_owned()).or_default(),
+        };
+        let series = match by_labels.get_mut(labels) {
+            Some(s) => s,
+            None => {
+                self.series += 1;
+                let full = Labels::new(
+                    std::iter::once(("__name__".to_owned(), name.to_owned()))
+                        .chain(labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned()))),
+                );
+                by_labels.entry(labels.clone()).or_insert(Series {
+                    full,
+                    points: VecDeque::new(),
+                })
+            }
+        };
         // Time only moves forward within a series; an older point would break range reads.
-        if points.back().is_some_and(|last| last.t_ms >= point.t_ms) {
+        if series
+            .points
+            .back()
+            .is_some_and(|last| last.t_ms >= point.t_ms)
+        {
             return;
         }
-        points.push_back(point);
+        series.points.push_back(point);
         self.points += 1;
     }
 
     /// Drops points older than the retention, and series left with none.
     fn prune(&mut self, now_ms: i64) {
         let cutoff = now_ms.saturating_sub(self.retention_ms);
-        let mut emptied = Vec::new();
-        for (key, points) in &mut self.series {
-            while points.front().is_some_and(|p| p.t_ms < cutoff) {
-                points.pop_front();
-                self.points -= 1;
-            }
-            if points.is_empty() {
-                emptied.push(key.clone());
-            }
-        }
-        for key in emptied {
-            self.series.remove(&key);
-            if let Some(set) = self.by_name.get_mut(&key.0) {
-                set.remove(&key.1);
-                if set.is_empty() {
-                    self.by_name.remove(&key.0);
+        let (mut series_gone, mut points_gone) = (0, 0);
+        self.by_name.retain(|_, by_labels| {
+            by_labels.retain(|_, s| {
+                while s.points.front().is_some_and(|p| p.t_ms < cutoff) {
+                    s.points.pop_front();
+                    points_gone += 1;
                 }
-            }
-        }
+                let keep = !s.points.is_empty();
+                if !keep {
+                    series_gone += 1;
+                }
+                keep
+            });
+            !by_labels.is_empty()
+        });
+        self.series -= series_gone;
+        self.points -= points_gone;
     }
 }
 

@@ -126,6 +126,9 @@ pub struct Engine {
     inner: Mutex<Loaded>,
     requests: mpsc::Sender<ActionRequest>,
     metrics: Metrics,
+    /// Whether the loaded rules were checked against what the collectors publish (once the
+    /// first collection round is in; again after each reload).
+    names_checked: std::sync::atomic::AtomicBool,
     /// What was last written to the state file: unchanged state is not written (and fsynced)
     /// again every tick.
     last_persisted: Mutex<Vec<u8>>,
@@ -228,6 +231,7 @@ impl Engine {
             requests,
             metrics,
             last_persisted: Mutex::new(Vec::new()),
+            names_checked: std::sync::atomic::AtomicBool::new(false),
         });
         let _ = engine.reload();
         engine.restore();
@@ -297,6 +301,8 @@ impl Engine {
         for w in &loaded.warnings {
             tracing::warn!(warning = %w, "rule warning");
         }
+        self.names_checked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.metrics.loaded.set(count as f64);
         self.metrics.reload_ok.set(1.0);
         self.metrics.reload_ts.set(now as f64 / 1000.0);
@@ -373,7 +379,44 @@ impl Engine {
         self.tick_where(now_ms, true)
     }
 
+    /// Warns (in the log and the reload status) about metrics the rules name that no running
+    /// collector publishes: usually a typo, or a collector that is not configured.
+    fn check_names(&self) {
+        use std::sync::atomic::Ordering;
+        if self.names_checked.load(Ordering::Relaxed) || !self.registry.is_ready() {
+            return;
+        }
+        self.names_checked.store(true, Ordering::Relaxed);
+        let now = crate::collect::now_ms();
+        let retention = i64::MAX / 2;
+        let mut inner = self.lock();
+        let mut warnings = Vec::new();
+        for r in &inner.rules {
+            let mut names = r.expr.metric_names();
+            if let Some(c) = &r.clear {
+                names.extend(c.metric_names());
+            }
+            names.sort();
+            names.dedup();
+            for n in names {
+                if self.registry.range(&n, now - retention, now).is_empty() {
+                    warnings.push(format!(
+                        "{}:{}: rule {:?} reads {n}, which no running collector publishes",
+                        r.source.display(),
+                        r.line,
+                        r.name
+                    ));
+                }
+            }
+        }
+        for w in &warnings {
+            tracing::warn!(warning = %w, "rule reads an unpublished metric");
+        }
+        inner.reload.warnings.extend(warnings);
+    }
+
     fn tick_where(&self, now_ms: i64, all: bool) -> usize {
+        self.check_names();
         let mut inner = self.lock();
         let Loaded { rules, runtime, .. } = &mut *inner;
         let mut evaluated = 0;
@@ -864,6 +907,36 @@ mod tests {
             "state kept across a reload"
         );
         assert!(engine.reload_status().success);
+    }
+
+    #[test]
+    fn rules_reading_unpublished_metrics_are_warned_about_once_data_is_in() {
+        let (_dir, r, engine, _rx) = setup(&RULE.replace(
+            "host_memory_usage_ratio < 0.7",
+            "hots_memory_usage_ratio < 0.7",
+        ));
+        r.expect_collectors(&["host"]);
+        publish_memory(&r, 0.5, 0);
+        engine.tick(0);
+        assert!(
+            engine.reload_status().warnings.is_empty(),
+            "not before the first round"
+        );
+        r.record_attempt(
+            "host",
+            &crate::registry::Attempt {
+                duration: Duration::ZERO,
+                finished_ms: 0,
+                error: None,
+            },
+        );
+        engine.tick(5_000);
+        let w = engine.reload_status().warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("reads hots_memory_usage_ratio, which no running collector publishes"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -70,15 +70,6 @@ impl SeriesSource for crate::registry::Registry {
             })
         };
         crate::registry::Registry::select(self, name, keep, start_ms, end_ms)
-            .into_iter()
-            .map(|(n, labels, points)| {
-                let with_name = Labels::new(
-                    std::iter::once((NAME.to_owned(), n))
-                        .chain(labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned()))),
-                );
-                (with_name, points)
-            })
-            .collect()
     }
 }
 
@@ -117,6 +108,27 @@ impl Query {
             Some(r) => !ev.range(vs, *r).is_empty(),
             None => !ev.instant(vs).is_empty(),
         })
+    }
+
+    /// The metric names its selectors name with `name` or `__name__="..."` (regular
+    /// expressions on the name are left out: they name no single metric).
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut selectors = Vec::new();
+        leaves(&self.expr, &mut selectors);
+        selectors
+            .iter()
+            .filter_map(|(vs, _)| {
+                vs.name.clone().or_else(|| {
+                    vs.matchers
+                        .matchers
+                        .iter()
+                        .find(|m| {
+                            m.name == NAME && matches!(m.op, promql_parser::label::MatchOp::Equal)
+                        })
+                        .map(|m| m.value.clone())
+                })
+            })
+            .collect()
     }
 
     /// For a plain threshold (`selector OP number`, or `number OP selector`): the selector as
