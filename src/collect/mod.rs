@@ -16,9 +16,11 @@ pub mod redis;
 pub mod window;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
@@ -61,6 +63,15 @@ pub fn target_error(out: &mut Families, kind: &str, target: &str, failed: Option
     }
 }
 
+/// The text of a panic payload, when it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -91,18 +102,22 @@ pub fn spawn<C: Collector>(
                 _ = ticker.tick() => {}
             }
             let started = Instant::now();
+            // A panic inside a collector (a client library's, since ours cannot) must not end
+            // the task: it is recorded as a failed run and the next run happens as usual.
+            let run = AssertUnwindSafe(collector.collect()).catch_unwind();
             let result = tokio::select! {
                 _ = shutdown.wait() => break,
-                r = tokio::time::timeout(schedule.timeout, collector.collect()) => r,
+                r = tokio::time::timeout(schedule.timeout, run) => r,
             };
             let duration = started.elapsed();
             let finished_ms = now_ms();
             let error = match result {
-                Ok(Ok(families)) => {
+                Ok(Ok(Ok(families))) => {
                     registry.publish(name, families.into_vec(), finished_ms);
                     None
                 }
-                Ok(Err(err)) => Some(err.to_string()),
+                Ok(Ok(Err(err))) => Some(err.to_string()),
+                Ok(Err(panic)) => Some(format!("collector panicked: {}", panic_message(&*panic))),
                 Err(_) => Some(format!(
                     "timed out after {:.1}s",
                     schedule.timeout.as_secs_f64()
@@ -161,6 +176,7 @@ mod tests {
             let n = self.runs.fetch_add(1, Ordering::SeqCst);
             match n {
                 1 => Err(CollectError("boom".into())),
+                4 => panic!("a client library bug"),
                 2 => {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     Ok(Families::new())
@@ -199,6 +215,33 @@ mod tests {
         let text = registry.render();
         assert!(text.contains("flaky_value 3"), "{text}");
         assert!(text.contains("autotuner_collector_failures_total{collector=\"flaky\"} 2"));
+        trigger.trigger();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_run_is_a_failure_and_the_next_run_still_happens() {
+        let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+        let runs = Arc::new(AtomicUsize::new(4));
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let handle = spawn(
+            Flaky { runs: runs.clone() },
+            Timing {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(4),
+            },
+            registry.clone(),
+            shutdown,
+        );
+        tokio::time::sleep(Duration::from_millis(5_100)).await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            6,
+            "the task survived the panic"
+        );
+        let status = registry.collectors().pop().unwrap();
+        assert_eq!(status.failures, 1);
+        assert!(status.up, "run 5 succeeded");
         trigger.trigger();
         handle.await.unwrap();
     }
