@@ -131,7 +131,11 @@ fn run(flags: &RunFlags) -> ExitCode {
         revision = env!("AUTOTUNER_REVISION"),
         "starting autotuner"
     );
-    match runtime.block_on(autotuner::app::run(settings)) {
+    let result = runtime.block_on(autotuner::app::run(settings));
+    // Blocking work stuck in the kernel (statvfs on a dead mount) would otherwise hold the exit
+    // forever: the grace period is over, so leave it behind.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "autotuner failed");

@@ -88,6 +88,8 @@ pub struct Registry {
     latest: RwLock<BTreeMap<String, Arc<Vec<Family>>>>,
     /// The encoded exposition of every collector's latest snapshot, rebuilt on publish.
     body: RwLock<Arc<String>>,
+    /// Serializes publishers (see `publish`).
+    publishing: Mutex<()>,
     /// Per-collector bookkeeping for status and readiness.
     status: RwLock<BTreeMap<String, CollectorStatus>>,
     /// Collectors that must have made one attempt before we call ourselves ready.
@@ -102,6 +104,7 @@ impl Registry {
         Ok(Registry {
             latest: RwLock::new(BTreeMap::new()),
             body: RwLock::new(Arc::new(String::new())),
+            publishing: Mutex::new(()),
             status: RwLock::new(BTreeMap::new()),
             expected: RwLock::new(Vec::new()),
             history: Mutex::new(History::new(retention)),
@@ -145,6 +148,10 @@ impl Registry {
             self.own.history_points.set(history.points as f64);
         }
         let samples = families.iter().map(|f| f.samples.len()).sum();
+        // One publisher at a time from snapshot to stored body: two collectors finishing
+        // together must not store their bodies in the wrong order (an older body would bring
+        // back series another collector just withdrew). Scrapes never take this lock.
+        let _publishing = lock(&self.publishing);
         let snapshot: Vec<Arc<Vec<Family>>> = {
             let mut latest = write(&self.latest);
             latest.insert(collector.to_owned(), families);

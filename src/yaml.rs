@@ -26,6 +26,10 @@ use serde_yaml::{Mapping, Value};
 /// hostile file from costing unbounded stack when the tree is dropped or walked.
 const MAX_DEPTH: usize = 64;
 
+/// Most nodes a document may expand to, aliases included: an alias is a copy, and a few lines of
+/// nested aliases ("billion laughs") would otherwise expand to gigabytes.
+const MAX_NODES: usize = 1_000_000;
+
 /// After this many errors in one file the rest are not worth reading: the file is broken.
 const MAX_ERRORS: usize = 100;
 
@@ -314,7 +318,9 @@ enum Open {
 fn read(text: &str) -> Result<(Value, Locator, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut locator = Locator::default();
     let mut diagnostics = Vec::new();
-    let mut anchors: HashMap<usize, Value> = HashMap::new();
+    // Each anchored value with its size in nodes and its depth, to bound what aliases expand to.
+    let mut anchors: HashMap<usize, (Value, usize, usize)> = HashMap::new();
+    let mut nodes = 0usize;
     let mut stack: Vec<Open> = Vec::new();
     let mut path: Vec<Seg> = Vec::new();
     let mut root: Option<Value> = None;
@@ -334,6 +340,12 @@ fn read(text: &str) -> Result<(Value, Locator, Vec<Diagnostic>), Vec<Diagnostic>
         };
         let mark = Mark::of(&span);
         let is_seq = matches!(event, Event::SequenceStart(..));
+        if matches!(
+            event,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            nodes += 1;
+        }
         // What this event completes, if it completes a node.
         let done: Option<(Value, usize)> = match event {
             Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => None,
@@ -346,7 +358,18 @@ fn read(text: &str) -> Result<(Value, Locator, Vec<Diagnostic>), Vec<Diagnostic>
                 None
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(value) => Some((value.clone(), 0)),
+                Some((value, size, depth)) => {
+                    nodes += size;
+                    if nodes > MAX_NODES || stack.len() + depth > MAX_DEPTH {
+                        return Err(vec![diag(
+                            mark,
+                            format!(
+                                "aliases expand beyond {MAX_NODES} nodes or {MAX_DEPTH} levels; refused"
+                            ),
+                        )]);
+                    }
+                    Some((value.clone(), 0))
+                }
                 None => {
                     diagnostics.push(diag(mark, "alias to an unknown anchor"));
                     Some((Value::Null, 0))
@@ -421,7 +444,8 @@ fn read(text: &str) -> Result<(Value, Locator, Vec<Diagnostic>), Vec<Diagnostic>
             continue;
         };
         if anchor != 0 {
-            anchors.insert(anchor, value.clone());
+            let (size, depth) = measure(&value);
+            anchors.insert(anchor, (value.clone(), size, depth));
         }
         // A scalar's position is recorded here; a container's was recorded at its start.
         let is_scalar = !matches!(value, Value::Sequence(_) | Value::Mapping(_));
@@ -503,6 +527,24 @@ fn read(text: &str) -> Result<(Value, Locator, Vec<Diagnostic>), Vec<Diagnostic>
             .insert(Vec::new(), Mark { line: 1, column: 1 });
     }
     Ok((value, locator, diagnostics))
+}
+
+/// The number of nodes in a value and its depth, walked without recursion.
+fn measure(value: &Value) -> (usize, usize) {
+    let mut size = 0;
+    let mut deepest = 0;
+    let mut todo: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = todo.pop() {
+        size += 1;
+        deepest = deepest.max(depth);
+        match v {
+            Value::Sequence(items) => todo.extend(items.iter().map(|i| (i, depth + 1))),
+            Value::Mapping(map) => todo.extend(map.values().map(|i| (i, depth + 1))),
+            Value::Tagged(t) => todo.push((&t.value, depth + 1)),
+            _ => {}
+        }
+    }
+    (size, deepest)
 }
 
 /// Records the start of a container as the position of the value it is about to become.
@@ -711,6 +753,23 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             errs[0].contains("nesting deeper") || errs[0].contains("recursion limit"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        text.push_str("name: x\n");
+        let errs = errors(&text);
+        assert!(
+            errs.iter().any(|e| e.contains("aliases expand beyond")),
             "{errs:?}"
         );
     }

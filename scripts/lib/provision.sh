@@ -10,7 +10,8 @@ TEST_PACKAGES=(
   "curl:curl"
   "openssl:openssl"
   "redis-server:redis-server"
-  "pg_config:postgresql-15"
+  "python3:python3-minimal"
+  "/usr/lib/postgresql/15/bin/initdb:postgresql-15"
   "/usr/share/postgresql/15/extension/hypopg.control:postgresql-15-hypopg"
   "pgbouncer:pgbouncer"
 )
@@ -43,9 +44,14 @@ ensure_packages() {
     chmod +x "$policy"
     created_policy=1
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+  fi
+  # Removed whatever happened: left behind, it would stop every service start on this machine.
   if [ "$created_policy" -eq 1 ]; then rm -f "$policy"; fi
+  return "$rc"
 }
 
 # A free TCP port on 127.0.0.1, chosen by the kernel.
@@ -130,11 +136,16 @@ pidfile = $dir/pgbouncer.pid
 INI
   if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$dir"; fi
   as_postgres pgbouncer -d "$dir/pgbouncer.ini"
-  local i
+  local i up=0
   for i in $(seq 1 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then up=1; break; fi
     sleep 0.1
   done
+  if [ "$up" -ne 1 ]; then
+    echo "PgBouncer did not start; its log:" >&2
+    cat "$dir/pgbouncer.log" >&2 || true
+    return 1
+  fi
   export AUTOTUNER_TEST_PGBOUNCER_URL="postgres://monitor:$PG_MONITOR_PASSWORD@127.0.0.1:$port/pgbouncer"
   export AUTOTUNER_TEST_PGBOUNCER_DB_URL="postgres://postgres:$PG_TEST_PASSWORD@127.0.0.1:$port/autotuner_test"
   echo "PgBouncer on 127.0.0.1:$port"
@@ -143,7 +154,7 @@ INI
 provision_stop() {
   local pidfile
   if [ -n "${AUTOTUNER_TEST_DIR:-}" ] && [ -d "$AUTOTUNER_TEST_DIR/pg/data" ]; then
-    as_postgres "$AUTOTUNER_TEST_PG_BIN/pg_ctl" -D "$AUTOTUNER_TEST_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
+    as_postgres "${AUTOTUNER_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}/pg_ctl" -D "$AUTOTUNER_TEST_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
   fi
   if [ -n "${AUTOTUNER_TEST_DIR:-}" ] && [ -d "$AUTOTUNER_TEST_DIR" ]; then
     for pidfile in "$AUTOTUNER_TEST_DIR"/*.pid "$AUTOTUNER_TEST_DIR"/*/*.pid; do
@@ -173,7 +184,7 @@ check_live_metrics() {
 collectors:
   host: {interval: 1s}
   redis: {interval: 1s}
-  postgres: {interval: 1s, window: 3s, include_query_text: true}
+  postgres: {interval: 1s, window: 5s, include_query_text: true}
   pgbouncer: {interval: 1s}
   http_probe: {interval: 1s}
 targets:
@@ -203,7 +214,7 @@ YML
   curl -fsS "http://127.0.0.1:$port/metrics" >"$dir/metrics.txt"
   local out rc=0 unexpected
   out=$(promtool check metrics <"$dir/metrics.txt" 2>&1) || rc=$?
-  kill "$pid"
+  kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   unexpected=$(printf '%s\n' "$out" | grep -vE "$PROMTOOL_EXCEPTIONS" | grep -v '^$' || true)
   if [ -n "$unexpected" ]; then

@@ -38,7 +38,11 @@ impl PgBouncerCollector {
             .parse::<tokio_postgres::Config>()
             .ok()
             .map(|mut c| {
-                c.connect_timeout(deadline);
+                // As for PostgreSQL: a console that vanishes is noticed in half a minute, and
+                // the connection's task does not linger for the kernel's two hours.
+                c.connect_timeout(deadline)
+                    .keepalives_idle(Duration::from_secs(30))
+                    .tcp_user_timeout(Duration::from_secs(30));
                 c
             });
         PgBouncerCollector {

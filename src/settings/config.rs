@@ -423,6 +423,9 @@ impl Checker<'_> {
             );
         }
         let timeout = timeout.map_or_else(|| interval.0.mul_f64(0.8), |t| t.0);
+        if timeout < Duration::from_millis(100) {
+            self.error(&path("timeout"), "timeout must be at least 100ms");
+        }
         if timeout > interval.0 {
             self.error(
                 &path("timeout"),
@@ -550,6 +553,16 @@ impl ConfigSpec {
 
         let r = &self.collectors.redis;
         let redis_timing = c.timing("redis", r.interval, r.timeout);
+        if r.hit_ratio_window.0 < r.interval.0 * 2 {
+            c.error(
+                &[
+                    "collectors".into(),
+                    "redis".into(),
+                    "hit_ratio_window".into(),
+                ],
+                "hit_ratio_window must span at least two collection intervals",
+            );
+        }
         let redis_targets = c.url_targets("redis", &self.targets.redis, REDIS_SCHEMES);
 
         let pg = &self.collectors.postgres;
@@ -583,15 +596,17 @@ impl ConfigSpec {
             let path =
                 |f: &str| -> Vec<Seg> { vec!["targets".into(), "http".into(), i.into(), f.into()] };
             c.target_name(&path("name"), &t.name, &mut seen);
-            let timeout = t
-                .timeout
-                .map_or(DEFAULT_PROBE_TIMEOUT.min(probe_timing.timeout), |d| d.0);
-            if timeout > probe_timing.timeout {
+            // Nine tenths of the collector's timeout at most: a hung endpoint must time out on
+            // its own, recorded as that probe's failure, before the scheduler cuts the whole
+            // run (and every other probe's figures) off.
+            let most = probe_timing.timeout.mul_f64(0.9);
+            let timeout = t.timeout.map_or(DEFAULT_PROBE_TIMEOUT.min(most), |d| d.0);
+            if timeout > most {
                 c.error(
                     &path("timeout"),
                     format!(
-                        "a probe's timeout must not exceed the http_probe collector's ({:.1}s)",
-                        probe_timing.timeout.as_secs_f64()
+                        "a probe's timeout must not exceed 9/10 of the http_probe collector's timeout ({:.2}s)",
+                        most.as_secs_f64()
                     ),
                 );
             }

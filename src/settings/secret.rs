@@ -21,6 +21,21 @@ impl SecretUrl {
             // Only fails for URLs that cannot have credentials, which this one just had.
             let _ = shown.set_password(Some("****"));
         }
+        // Secrets also travel as parameters (`?password=` for libpq, `?token=` for APIs).
+        if url.query().is_some() {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if secret_param(&k) {
+                        "****".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
         Ok(SecretUrl {
             redacted: shown.to_string(),
             url,
@@ -50,10 +65,15 @@ impl SecretUrl {
         })
     }
 
-    /// Replaces every occurrence of the password in `text` with `****`: for error messages
-    /// from libraries that might echo what they were given.
+    /// Replaces every occurrence of the password (and of secret parameters) in `text` with
+    /// `****`: for error messages from libraries that might echo what they were given.
     pub fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
+        for (k, v) in self.url.query_pairs() {
+            if secret_param(&k) && !v.is_empty() {
+                out = out.replace(v.as_ref(), "****");
+            }
+        }
         if let Some(raw) = self.url.password().filter(|p| !p.is_empty()) {
             out = out.replace(raw, "****");
         }
@@ -68,6 +88,16 @@ fn percent_decode(text: &str) -> String {
     percent_encoding::percent_decode_str(text)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// Whether a URL parameter carries a secret.
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "password", "passwd", "token", "secret", "apikey", "api_key", "key",
+    ]
+    .iter()
+    .any(|s| n == *s || n.ends_with(&format!("_{s}")) || n.ends_with(s) && n.contains("password"))
 }
 
 impl fmt::Debug for SecretUrl {

@@ -58,12 +58,15 @@ pub(super) async fn collect(
             &labels,
             row.get(1),
         );
-        run.out.gauge(
-            "pg_database_size_bytes",
-            "Disk space used by the database.",
-            &labels,
-            row.get(2),
-        );
+        // NULL when the database went away during the query: no size then, rather than 0.
+        if let Ok(Some(size)) = row.try_get::<_, Option<f64>>(2) {
+            run.out.gauge(
+                "pg_database_size_bytes",
+                "Disk space used by the database.",
+                &labels,
+                size,
+            );
+        }
         let mut hit = 0.0;
         let mut read = 0.0;
         for (i, (column, help)) in COUNTERS.iter().enumerate() {

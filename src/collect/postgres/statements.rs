@@ -142,6 +142,9 @@ pub(super) async fn collect(
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     if keys.iter().any(|k| !state.known.contains(k)) {
+        // Marked as known first: if reading the texts fails (times out on a server with
+        // thousands of statements), the next run does not try again at once.
+        state.known = keys.iter().copied().collect();
         // New statements appeared: find out which are ours. Reading the query texts is the
         // expensive part of the view, so it happens only then.
         let ours = run
@@ -214,7 +217,9 @@ pub(super) async fn collect(
             .await?
         {
             let text: String = r.get(3);
-            texts.insert((r.get(0), r.get(1), r.get(2)), text.split_whitespace().collect::<Vec<_>>().join(" "));
+            if let Some(text) = publishable(&text) {
+                texts.insert((r.get(0), r.get(1), r.get(2)), text);
+            }
         }
     }
     for row in top {
@@ -260,6 +265,25 @@ pub(super) async fn collect(
     Ok(true)
 }
 
+/// The text of a statement as it may be published, or `None`. Only ordinary queries qualify:
+/// `pg_stat_statements` keeps utility statements such as `ALTER ROLE … PASSWORD '…'` with their
+/// literals, and a label is no place for a password. Anything that still mentions one is
+/// withheld too.
+fn publishable(text: &str) -> Option<String> {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let head = text
+        .trim_start_matches(|c: char| c == '(' || c.is_whitespace())
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    let ordinary = [
+        "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "MERGE", "VALUES", "TABLE",
+    ];
+    let lower = text.to_ascii_lowercase();
+    (ordinary.contains(&head.as_str()) && !lower.contains("password")).then_some(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +292,21 @@ mod tests {
         v.iter()
             .map(|&(q, calls, seconds)| ((1, 1, q), Totals { calls, seconds }))
             .collect()
+    }
+
+    #[test]
+    fn only_ordinary_query_text_is_published() {
+        assert_eq!(
+            publishable("SELECT  *\n FROM t WHERE id = $1").as_deref(),
+            Some("SELECT * FROM t WHERE id = $1")
+        );
+        assert_eq!(publishable("(select 1)").as_deref(), Some("(select 1)"));
+        assert_eq!(publishable("CREATE ROLE monitor LOGIN PASSWORD 'x'"), None);
+        assert_eq!(publishable("ALTER USER a WITH PASSWORD 'x'"), None);
+        assert_eq!(
+            publishable("SELECT set_config('x', 'password=abc', false)"),
+            None
+        );
     }
 
     #[test]
