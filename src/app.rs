@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use crate::collect;
 use crate::collect::host::HostCollector;
 use crate::collect::http_probe::HttpProbeCollector;
 use crate::collect::pgbouncer::PgBouncerCollector;
 use crate::collect::postgres::{self, PostgresCollector};
 use crate::collect::redis::{self, RedisCollector};
-use crate::collect::{self, Collector as _};
 use crate::http::{self, AppState};
 use crate::registry::Registry;
 use crate::rules::{
@@ -33,6 +33,17 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// may take from a server whose max_connections is often 100.
 const PG_POOL_SIZE: usize = 2;
 
+/// Declares a collector (so readiness waits for it) and runs it on its schedule.
+fn start<C: collect::Collector>(
+    collector: C,
+    timing: crate::settings::Timing,
+    registry: &Arc<Registry>,
+    shutdown: &crate::shutdown::Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    registry.expect_collectors(&[collector.name()]);
+    collect::spawn(collector, timing, registry.clone(), shutdown.clone())
+}
+
 /// Runs the exporter until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -47,13 +58,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(host) = settings.config.host.clone() {
         let schedule = host.timing;
         let collector = HostCollector::new(host).context("starting the host collector")?;
-        registry.expect_collectors(&["host"]);
-        tasks.push(collect::spawn(
-            collector,
-            schedule,
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tasks.push(start(collector, schedule, &registry, &shutdown));
     }
 
     for target in &settings.config.redis.targets {
@@ -61,13 +66,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let handle = RedisHandle::new(target, redis::run_deadline(redis.timing.timeout))
             .map_err(|f| anyhow::anyhow!("Redis target {}: {}", target.name, f.message))?;
         let collector = RedisCollector::new(handle, redis.timing.timeout, redis.hit_ratio_window);
-        registry.expect_collectors(&[collector.name()]);
-        tasks.push(collect::spawn(
-            collector,
-            redis.timing,
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tasks.push(start(collector, redis.timing, &registry, &shutdown));
     }
 
     let pg = &settings.config.postgres;
@@ -80,37 +79,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .map_err(|f| anyhow::anyhow!("PostgreSQL target {}: {}", target.name, f.message))?;
         let collector = PostgresCollector::new(handle, pg.clone());
-        registry.expect_collectors(&[collector.name()]);
-        tasks.push(collect::spawn(
-            collector,
-            pg.timing,
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tasks.push(start(collector, pg.timing, &registry, &shutdown));
     }
     let bouncer = &settings.config.pgbouncer;
     for target in &bouncer.targets {
         let collector = PgBouncerCollector::new(target, bouncer.timing.timeout);
-        registry.expect_collectors(&[collector.name()]);
-        tasks.push(collect::spawn(
-            collector,
-            bouncer.timing,
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tasks.push(start(collector, bouncer.timing, &registry, &shutdown));
     }
 
     let probes = &settings.config.http_probe;
     if !probes.targets.is_empty() {
         let collector = HttpProbeCollector::new(&probes.targets, probes.error_ratio_window)
             .context("starting the HTTP probes")?;
-        registry.expect_collectors(&[collector.name()]);
-        tasks.push(collect::spawn(
-            collector,
-            probes.timing,
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tasks.push(start(collector, probes.timing, &registry, &shutdown));
     }
 
     // The rule engine, its reload triggers (file watcher, SIGHUP, POST /-/reload) funnelled into

@@ -288,6 +288,11 @@ impl Registry {
         self.own.registry.register(collector)
     }
 
+    /// How long the history keeps each series.
+    pub fn retention(&self) -> Duration {
+        Duration::from_millis(u64::try_from(lock(&self.history).retention_ms).unwrap_or(0))
+    }
+
     /// Series and points held in the history (also published as self-metrics).
     pub fn history_size(&self) -> (usize, usize) {
         let history = lock(&self.history);

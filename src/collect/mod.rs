@@ -190,11 +190,19 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn failures_and_timeouts_are_recorded_and_do_not_stop_the_schedule() {
+    /// A `Flaky` collector whose run counter starts at `first`, scheduled every 5 s with a 4 s
+    /// timeout on a fresh registry.
+    struct Rig {
+        registry: Arc<Registry>,
+        runs: Arc<AtomicUsize>,
+        trigger: crate::shutdown::Trigger,
+        handle: JoinHandle<()>,
+    }
+
+    fn rig(first: usize) -> Rig {
         let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
         registry.expect_collectors(&["flaky"]);
-        let runs = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(first));
         let (trigger, shutdown) = crate::shutdown::channel();
         let handle = spawn(
             Flaky { runs: runs.clone() },
@@ -205,66 +213,59 @@ mod tests {
             registry.clone(),
             shutdown,
         );
+        Rig {
+            registry,
+            runs,
+            trigger,
+            handle,
+        }
+    }
+
+    impl Rig {
+        async fn stop(self) {
+            self.trigger.trigger();
+            self.handle.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_and_timeouts_are_recorded_and_do_not_stop_the_schedule() {
+        let r = rig(0);
         // Run 0 (ok), 1 (error), 2 (timeout), 3 (ok).
         tokio::time::sleep(Duration::from_millis(15_100)).await;
-        assert_eq!(runs.load(Ordering::SeqCst), 4);
-        let status = registry.collectors().pop().unwrap();
+        assert_eq!(r.runs.load(Ordering::SeqCst), 4);
+        let status = r.registry.collectors().pop().unwrap();
         assert!(status.up);
         assert_eq!(status.attempts, 4);
         assert_eq!(status.failures, 2);
-        let text = registry.render();
+        let text = r.registry.render();
         assert!(text.contains("flaky_value 3"), "{text}");
         assert!(text.contains("autotuner_collector_failures_total{collector=\"flaky\"} 2"));
-        trigger.trigger();
-        handle.await.unwrap();
+        r.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_run_is_a_failure_and_the_next_run_still_happens() {
-        let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
-        let runs = Arc::new(AtomicUsize::new(4));
-        let (trigger, shutdown) = crate::shutdown::channel();
-        let handle = spawn(
-            Flaky { runs: runs.clone() },
-            Timing {
-                interval: Duration::from_secs(5),
-                timeout: Duration::from_secs(4),
-            },
-            registry.clone(),
-            shutdown,
-        );
+        let r = rig(4);
         tokio::time::sleep(Duration::from_millis(5_100)).await;
         assert_eq!(
-            runs.load(Ordering::SeqCst),
+            r.runs.load(Ordering::SeqCst),
             6,
             "the task survived the panic"
         );
-        let status = registry.collectors().pop().unwrap();
+        let status = r.registry.collectors().pop().unwrap();
         assert_eq!(status.failures, 1);
         assert!(status.up, "run 5 succeeded");
-        trigger.trigger();
-        handle.await.unwrap();
+        r.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_withdraws_the_previous_snapshot() {
-        let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
-        let runs = Arc::new(AtomicUsize::new(0));
-        let (trigger, shutdown) = crate::shutdown::channel();
-        let handle = spawn(
-            Flaky { runs },
-            Timing {
-                interval: Duration::from_secs(5),
-                timeout: Duration::from_secs(4),
-            },
-            registry.clone(),
-            shutdown,
-        );
+        let r = rig(0);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(registry.render().contains("flaky_value 0"));
+        assert!(r.registry.render().contains("flaky_value 0"));
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(!registry.render().contains("flaky_value"));
-        trigger.trigger();
-        handle.await.unwrap();
+        assert!(!r.registry.render().contains("flaky_value"));
+        r.stop().await;
     }
 }

@@ -107,6 +107,9 @@ pub struct ReloadStatus {
 pub(crate) struct Runtime {
     /// Each instance's state and last value.
     pub(crate) instances: HashMap<Labels, (State, f64)>,
+    /// Whether a state changed since the state file was last written (values alone do not
+    /// count: they are informational there).
+    dirty: bool,
     last_error: Option<String>,
     last_evaluation_ms: Option<i64>,
     evaluation_seconds: f64,
@@ -279,12 +282,36 @@ impl Engine {
             };
             next.insert(r.name.clone(), rt);
         }
+        // The set changed: the next tick writes the state file afresh (gone rules drop out).
+        if let Some(rt) = next.values_mut().next() {
+            rt.dirty = true;
+        }
         // Series of rules that are gone must not linger on /metrics.
         for gone in runtime.keys() {
             for s in ["pending", "firing"] {
                 let _ = self.metrics.state.remove_label_values(&[gone, s]);
             }
             let _ = self.metrics.duration.remove_label_values(&[gone]);
+        }
+        // A range or offset reaching past the history is computed on whatever is left of it.
+        let retention = self.registry.retention();
+        let mut warnings = text(&loaded.warnings);
+        for r in &loaded.rules {
+            let reach = r.expr.lookback_needed().max(
+                r.clear
+                    .as_ref()
+                    .map_or(Duration::ZERO, |c| c.lookback_needed()),
+            );
+            if reach > retention {
+                warnings.push(format!(
+                    "{}:{}: rule {:?} reads {}s back, more than the history keeps ({}s, history.retention)",
+                    r.source.display(),
+                    r.line,
+                    r.name,
+                    reach.as_secs(),
+                    retention.as_secs()
+                ));
+            }
         }
         let count = loaded.rules.len();
         let hash = set_hash(&loaded.rules);
@@ -294,11 +321,11 @@ impl Engine {
             success: true,
             at_ms: now,
             errors: Vec::new(),
-            warnings: text(&loaded.warnings),
+            warnings: warnings.clone(),
             hash,
         };
         drop(inner);
-        for w in &loaded.warnings {
+        for w in &warnings {
             tracing::warn!(warning = %w, "rule warning");
         }
         self.names_checked
@@ -462,7 +489,11 @@ impl Engine {
                 .with_label_values(&[&rule.name, "firing"])
                 .set(count(|s| matches!(s, State::Firing { .. })));
         }
-        let snapshot = if evaluated > 0 {
+        // Only a change of state is worth a write: building and serializing the snapshot every
+        // tick would put that work on the evaluation path for nothing.
+        let dirty = runtime.values().any(|rt| rt.dirty);
+        let snapshot = if dirty {
+            runtime.values_mut().for_each(|rt| rt.dirty = false);
             Some(persisted(rules, runtime))
         } else {
             None
@@ -645,6 +676,9 @@ fn advance(
             tracing::info!(rule = %rule.name, labels = %key, "rule resolved");
         } else if step.request && !matches!(prev, State::Firing { .. }) {
             tracing::info!(rule = %rule.name, labels = %key, value, "rule firing");
+        }
+        if step.state != prev {
+            rt.dirty = true;
         }
         if matches!(step.state, State::Inactive) {
             rt.instances.remove(&key);
@@ -935,6 +969,18 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
             w[0].contains("reads hots_memory_usage_ratio, which no running collector publishes"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn a_rule_reading_past_the_history_is_warned_about() {
+        let (_dir, _r, engine, _rx) =
+            setup(&RULE.replace("host_memory_usage_ratio > 0.8", "rate(x[20m]) > 0.8"));
+        let w = engine.reload_status().warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("reads 1200s back, more than the history keeps (600s"),
             "{w:?}"
         );
     }
