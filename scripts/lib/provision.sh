@@ -7,6 +7,7 @@
 # the command is missing.
 TEST_PACKAGES=(
   "promtool:prometheus"
+  "prometheus-alertmanager:prometheus-alertmanager"
   "curl:curl"
   "openssl:openssl"
   "redis-server:redis-server"
