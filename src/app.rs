@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use crate::actions::Verifier;
+use crate::actions::exec::Services;
+use crate::actions::runner::Actions;
 use crate::collect;
 use crate::collect::host::HostCollector;
 use crate::collect::http_probe::HttpProbeCollector;
@@ -42,6 +45,57 @@ fn start<C: collect::Collector>(
 ) -> tokio::task::JoinHandle<()> {
     registry.expect_collectors(&[collector.name()]);
     collect::spawn(collector, timing, registry.clone(), shutdown.clone())
+}
+
+/// Verification conditions evaluated by the rule engine's evaluator over the registry.
+struct RegistryVerifier(Arc<Registry>);
+
+impl Verifier for RegistryVerifier {
+    fn holds(&self, expr: &str, labels: &crate::sample::Labels) -> Result<bool, String> {
+        use rules::expr::{Evaluator, NAME, Query, Value};
+        let query = Query::parse(expr)?;
+        let value = Evaluator::new(self.0.as_ref(), collect::now_ms()).eval(&query)?;
+        Ok(match value {
+            Value::Scalar(x) => x != 0.0 && !x.is_nan(),
+            // An aggregated condition (fewer labels) speaks for every instance; a labelled one
+            // only for the instance whose labels it shares.
+            Value::Vector(v) => v.iter().any(|s| {
+                s.labels
+                    .iter()
+                    .filter(|(k, _)| *k != NAME)
+                    .all(|(k, v)| labels.get(k).is_none_or(|mine| mine == v))
+            }),
+            Value::Matrix(_) => {
+                return Err("a verification condition must be an instant vector".into());
+            }
+        })
+    }
+}
+
+/// Connections for the actions: a pool of one per PostgreSQL target, apart from the
+/// collector's (an action's long statement never delays a collection, and its timeouts are
+/// its own), and the Redis targets' handles.
+fn action_services(settings: &Settings) -> anyhow::Result<Services> {
+    let mut services = Services {
+        exec_allow: settings.config.actions.exec_allow.clone(),
+        http: reqwest::Client::builder()
+            .user_agent(concat!("autotuner/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client for actions")?,
+        ..Services::default()
+    };
+    let timeout = settings.config.actions.timeout;
+    for target in &settings.config.postgres.targets {
+        let handle = PgHandle::new(target, timeout, Duration::from_secs(5).min(timeout), 1)
+            .map_err(|f| anyhow::anyhow!("PostgreSQL target {}: {}", target.name, f.message))?;
+        services.postgres.insert(target.name.clone(), handle);
+    }
+    for target in &settings.config.redis.targets {
+        let handle = RedisHandle::new(target, Duration::from_secs(5).min(timeout))
+            .map_err(|f| anyhow::anyhow!("Redis target {}: {}", target.name, f.message))?;
+        services.redis.insert(target.name.clone(), handle);
+    }
+    Ok(services)
 }
 
 /// Runs the exporter until SIGTERM or SIGINT.
@@ -103,7 +157,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
-    let (request_tx, mut request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
+    let (request_tx, request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
     let engine = Engine::new(
         registry.clone(),
         settings.rules_dir.clone(),
@@ -129,12 +183,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(
         engine.clone().run(reload_rx, shutdown.clone()),
     ));
-    tokio::spawn(async move {
-        while let Some(r) = request_rx.recv().await {
-            let kinds: Vec<&str> = r.actions.iter().map(|a| a.kind()).collect();
-            tracing::info!(rule = %r.rule, labels = %r.labels, value = r.value, actions = ?kinds, "actions requested (recorded; executing them is not built yet)");
-        }
-    });
+    let actions = Actions::new(
+        settings.config.actions.clone(),
+        &settings.config.knobs,
+        action_services(&settings)?,
+        data_dir,
+        Some(Arc::new(RegistryVerifier(registry.clone()))),
+        &registry,
+    )
+    .context("starting the actions stage")?;
+    tasks.push(tokio::spawn(
+        actions.clone().run(request_rx, shutdown.clone()),
+    ));
 
     let router = http::router(AppState {
         registry: registry.clone(),

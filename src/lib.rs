@@ -37,6 +37,7 @@
 
 pub mod actions;
 pub mod app;
+pub mod audit;
 pub mod collect;
 pub mod http;
 pub mod registry;

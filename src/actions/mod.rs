@@ -1,18 +1,115 @@
-//! ③ Actions: what a rule may ask for, as typed specifications (`ActionSpec`). The gate and the
-//! executors that carry them out against the real services build on these types; rule files are
-//! validated against them now, so a typo in an action is refused when the file loads.
+//! ③ Actions: what a rule may ask for (`ActionSpec`, typed so a typo is refused when the rule
+//! file loads), the request the rule engine hands over (`ActionRequest`), and the stage that
+//! carries requests out: the gate (`gate`), the knobs (`knobs`), the executors against the real
+//! services (`exec`) and the runner that ties them to the audit log (`runner`).
 //!
-//! Uses `settings::HumanDuration` only. Never imports `rules`.
+//! Uses `settings`, `targets`, `sample` and `audit`. Never imports `rules`: the engine depends
+//! on these types, not the other way round; verification conditions are PromQL, evaluated
+//! through the `Verifier` trait that the wiring implements.
+
+pub mod exec;
+pub mod gate;
+pub mod knobs;
+pub mod runner;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::sample::Labels;
 use crate::settings::HumanDuration;
 
+/// Whether a rule's actions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Evaluate and record, request nothing.
+    Observe,
+    /// Go through the gate and record what would be done, change nothing.
+    DryRun,
+    /// Act.
+    Enforce,
+}
+
+impl Mode {
+    /// As written in files and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Observe => "observe",
+            Mode::DryRun => "dry_run",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+/// Why the engine hands a request over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// The instance started firing: act.
+    Firing,
+    /// Still firing, `repeat` elapsed: act again (a controller's next step).
+    Repeat,
+    /// The instance resolved: nothing is executed, but alerts sent for it are resolved, its
+    /// circuit breaker count restarts, and the controller records the calm.
+    Resolved,
+}
+
+/// What the rule engine hands to the actions stage.
+#[derive(Debug, Clone)]
+pub struct ActionRequest {
+    /// The rule.
+    pub rule: String,
+    /// The instance's labels (the result's labels without `__name__`, plus the rule's labels).
+    pub labels: Labels,
+    /// The condition's value for the instance (NaN when it has none, e.g. `on_absent: fire`).
+    pub value: f64,
+    /// Why.
+    pub event: Event,
+    /// When the instance started firing (ms since the epoch): identifies the firing episode,
+    /// so a request replayed after a restart or delivered twice is recognised.
+    pub episode_ms: i64,
+    /// The rule's own mode, if it has one.
+    pub mode: Option<Mode>,
+    /// The rule's cooldown.
+    pub cooldown: std::time::Duration,
+    /// Whether destructive actions may run in enforce.
+    pub allow_destructive: bool,
+    /// What to do.
+    pub actions: Vec<ActionSpec>,
+    /// How to tell whether the actions helped.
+    pub verify: Option<VerifySpec>,
+    /// The rule's annotations (for alerts and webhooks).
+    pub annotations: BTreeMap<String, String>,
+    /// A hash of the rule's definition: a changed rule is a new rule for idempotency.
+    pub rule_version: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// A rule's `verify`: checked `after` its actions ran.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    /// How long after the actions to check.
+    pub after: HumanDuration,
+    /// PromQL that returns the instance when the actions helped.
+    pub expr: String,
+    /// PromQL that returns the instance when things got worse: a knob change is reverted.
+    pub worse: Option<String>,
+}
+
+/// Evaluates verification conditions (PromQL): implemented by the wiring over the rule
+/// engine's evaluator, so this stage need not know PromQL.
+pub trait Verifier: Send + Sync {
+    /// Whether `expr` returns a sample whose labels include every label of `labels` that the
+    /// result carries (an aggregated condition matches any instance).
+    fn holds(&self, expr: &str, labels: &Labels) -> Result<bool, String>;
+}
+
 /// One action of a rule, written as a one-entry mapping: `- webhook: { url: ... }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "ActionEntry")]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(try_from = "ActionEntry", rename_all = "snake_case")]
 pub enum ActionSpec {
     /// Run one SQL statement on a PostgreSQL target.
     Sql(SqlAction),
@@ -133,7 +230,7 @@ impl ActionSpec {
 }
 
 /// An action whose only parameter is the target.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetOnly {
     /// The target's name (default: the only one of its kind).
@@ -141,7 +238,7 @@ pub struct TargetOnly {
 }
 
 /// `sql`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlAction {
     /// The statement, with `$1`… placeholders.
@@ -156,7 +253,7 @@ pub struct SqlAction {
 }
 
 /// `redis`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisCommand {
     /// The command and its arguments, e.g. `[CONFIG, SET, maxmemory-policy, allkeys-lru]`.
@@ -166,7 +263,7 @@ pub struct RedisCommand {
 }
 
 /// `redis_evict`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisEvict {
     /// The key pattern (`SCAN MATCH`), e.g. `cache:*`.
@@ -181,7 +278,7 @@ pub struct RedisEvict {
 }
 
 /// `cache_warm`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheWarm {
     /// The query whose rows are cached.
@@ -201,7 +298,7 @@ pub struct CacheWarm {
 }
 
 /// `pg_terminate_idle`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PgTerminateIdle {
     /// Only connections idle for longer than this.
@@ -222,7 +319,7 @@ pub struct PgTerminateIdle {
 }
 
 /// `pg_analyze`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PgAnalyze {
     /// A table is stale when this share of its rows changed since its last analyze (default
@@ -235,7 +332,7 @@ pub struct PgAnalyze {
 }
 
 /// `index_advice`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IndexAdvice {
     /// Create the advised index (`CREATE INDEX CONCURRENTLY`); off by default.
@@ -247,7 +344,7 @@ pub struct IndexAdvice {
 }
 
 /// `retention_delete`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionDelete {
     /// The table.
@@ -266,8 +363,8 @@ pub struct RetentionDelete {
     pub target: Option<String>,
 }
 
-/// `knob`: exactly one of `set`, `scale`, `step`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `knob`: exactly one of `set`, `scale`, `step` or `controller`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KnobAction {
     /// The knob, as declared in the configuration.
@@ -278,10 +375,39 @@ pub struct KnobAction {
     pub scale: Option<f64>,
     /// Add this (e.g. 100 to grow the batch size step by step).
     pub step: Option<f64>,
+    /// Follow the condition's value with a dead band (the CPU → batch size controller).
+    pub controller: Option<Controller>,
+}
+
+/// A controller over one knob, fed by the condition's value: above `high` the knob shrinks
+/// multiplicatively, below `low` it grows additively, in between it holds (the dead band).
+/// Kubernetes HPA-style stabilization per direction and a change budget per period keep it
+/// from oscillating.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    /// Above this the knob decreases.
+    pub high: f64,
+    /// Below this the knob increases.
+    pub low: f64,
+    /// Multiplier on decrease, in (0, 1) (default 0.5).
+    pub decrease_factor: Option<f64>,
+    /// Added on increase (> 0).
+    pub increase_step: f64,
+    /// A decrease goes only to the largest value wanted over this window (default 0: react
+    /// at once, the protective direction).
+    pub down_stabilization: Option<HumanDuration>,
+    /// An increase goes only to the smallest value wanted over this window (default 3m: relax
+    /// slowly).
+    pub up_stabilization: Option<HumanDuration>,
+    /// At most this much total change per `budget_period` (default: unlimited).
+    pub max_change: Option<f64>,
+    /// The change budget's period (default 10m).
+    pub budget_period: Option<HumanDuration>,
 }
 
 /// `webhook`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Webhook {
     /// Where to POST.
@@ -296,7 +422,7 @@ pub struct Webhook {
 }
 
 /// `alertmanager`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerAction {
     /// The Alertmanager's base URL, e.g. `http://127.0.0.1:9093`.
@@ -304,7 +430,7 @@ pub struct AlertmanagerAction {
 }
 
 /// `exec`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Exec {
     /// The program and its arguments (no shell).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::expr::Query;
 use super::file::{GroupSpec, Mode, OnAbsent, RuleFileSpec, RuleSpec};
 use super::state::Timing;
-use crate::actions::ActionSpec;
+use crate::actions::{ActionSpec, VerifySpec};
 use crate::yaml::{self, Diagnostic, Locator, Seg};
 
 /// A group's default interval: the collectors' default, since evaluating more often sees no
@@ -53,6 +53,8 @@ pub struct Rule {
     pub allow_destructive: bool,
     /// Its actions.
     pub actions: Vec<ActionSpec>,
+    /// Its verification.
+    pub verify: Option<VerifySpec>,
     /// Where it is written, for messages.
     pub source: PathBuf,
     /// Its line in the file.
@@ -301,15 +303,36 @@ impl Compiler<'_> {
             let mut apath = at("actions");
             apath.push(i.into());
             if let ActionSpec::Knob(k) = action {
-                let moves = [k.set.is_some(), k.scale.is_some(), k.step.is_some()]
-                    .iter()
-                    .filter(|b| **b)
-                    .count();
+                let moves = [
+                    k.set.is_some(),
+                    k.scale.is_some(),
+                    k.step.is_some(),
+                    k.controller.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
                 if moves != 1 {
                     self.error(
                         &apath,
-                        format!("knob {:?}: give exactly one of set, scale, step", k.name),
+                        format!(
+                            "knob {:?}: give exactly one of set, scale, step, controller",
+                            k.name
+                        ),
                     );
+                }
+                if let Some(c) = &k.controller {
+                    let mut cpath = apath.clone();
+                    cpath.extend(["knob".into(), "controller".into()]);
+                    if let Err(message) = crate::actions::knobs::check_controller(c) {
+                        self.error(&cpath, message);
+                    }
+                    if spec.repeat.is_none() {
+                        self.warning(
+                            &at("repeat"),
+                            "a knob controller acts on every request: without `repeat` it moves the knob once per firing episode",
+                        );
+                    }
                 }
                 match knobs.get(&k.name) {
                     Some(owner) if *owner != spec.name => self.error(
@@ -334,6 +357,15 @@ impl Compiler<'_> {
                 );
             }
         }
+        if let Some(v) = &spec.verify {
+            for (field, text) in [("expr", Some(&v.expr)), ("worse", v.worse.as_ref())] {
+                if let Some(Err(e)) = text.map(|t| Query::parse(t)) {
+                    let mut vpath = at("verify");
+                    vpath.push(field.into());
+                    self.error(&vpath, e);
+                }
+            }
+        }
         if let Some(expr) = expr {
             self.loaded.rules.push(Rule {
                 name: spec.name,
@@ -353,6 +385,7 @@ impl Compiler<'_> {
                 on_absent: spec.on_absent.unwrap_or(OnAbsent::Hold),
                 allow_destructive: spec.allow_destructive,
                 actions: spec.actions,
+                verify: spec.verify,
                 source: self.file.to_owned(),
                 line,
             });

@@ -23,32 +23,13 @@ use tokio::sync::mpsc;
 
 use super::compile::{self, Problem, Rule};
 use super::expr::{Evaluator, NAME, SeriesSource, Value};
-use super::file::{Mode, OnAbsent};
+use super::file::OnAbsent;
 use super::state::{self, Observed, State};
-use crate::actions::ActionSpec;
+use crate::actions::Event;
 use crate::registry::Registry;
 use crate::sample::Labels;
 
-/// What the engine hands to the actions stage when a rule fires (or repeats).
-#[derive(Debug, Clone)]
-pub struct ActionRequest {
-    /// The rule.
-    pub rule: String,
-    /// The instance's labels (the result's labels without `__name__`, plus the rule's labels).
-    pub labels: Labels,
-    /// The condition's value for the instance.
-    pub value: f64,
-    /// The rule's own mode, if it has one.
-    pub mode: Option<Mode>,
-    /// The rule's cooldown.
-    pub cooldown: Duration,
-    /// Whether destructive actions may run in enforce.
-    pub allow_destructive: bool,
-    /// What to do.
-    pub actions: Vec<ActionSpec>,
-    /// When, in milliseconds since the Unix epoch.
-    pub at_ms: i64,
-}
+pub use crate::actions::ActionRequest;
 
 /// One instance of a rule, as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -500,7 +481,9 @@ impl Engine {
         };
         drop(inner);
         for r in requests {
-            self.metrics.requests.with_label_values(&[&r.rule]).inc();
+            if r.event != Event::Resolved {
+                self.metrics.requests.with_label_values(&[&r.rule]).inc();
+            }
             // A full channel means the actions stage is behind; the request is dropped and
             // counted rather than blocking evaluation. It is only the edge that is lost: the
             // rule stays firing and its `repeat`, if any, asks again.
@@ -660,17 +643,36 @@ fn advance(
             clear: clear.map(|c| c.contains(&key)),
         };
         let step = state::step(prev, seen, now_ms, &rule.timing);
+        let request = |event, episode_ms| ActionRequest {
+            rule: rule.name.clone(),
+            labels: key.clone(),
+            value,
+            event,
+            episode_ms,
+            mode: rule.mode,
+            cooldown: rule.cooldown,
+            allow_destructive: rule.allow_destructive,
+            actions: rule.actions.clone(),
+            verify: rule.verify.clone(),
+            annotations: rule.annotations.clone(),
+            rule_version: fingerprint_hash(rule),
+            at_ms: now_ms,
+        };
         if step.request {
-            requests.push(ActionRequest {
-                rule: rule.name.clone(),
-                labels: key.clone(),
-                value,
-                mode: rule.mode,
-                cooldown: rule.cooldown,
-                allow_destructive: rule.allow_destructive,
-                actions: rule.actions.clone(),
-                at_ms: now_ms,
-            });
+            let (event, episode_ms) = match (prev, step.state) {
+                (State::Firing { since_ms, .. }, _) => (Event::Repeat, since_ms),
+                (_, State::Firing { since_ms, .. }) => (Event::Firing, since_ms),
+                _ => (Event::Firing, now_ms),
+            };
+            requests.push(request(event, episode_ms));
+        }
+        // The resolution goes to the actions stage too (alerts it sent are resolved, breaker
+        // counts restart), but never executes anything.
+        if step.resolved
+            && !rule.actions.is_empty()
+            && let State::Firing { since_ms, .. } = prev
+        {
+            requests.push(request(Event::Resolved, since_ms));
         }
         if step.resolved {
             tracing::info!(rule = %rule.name, labels = %key, "rule resolved");
@@ -738,6 +740,16 @@ fn fingerprint(r: &Rule) -> String {
         r.labels,
         r.interval
     )
+}
+
+/// A short hash of what a rule says (condition, timing, labels, actions): its version, so a
+/// changed rule counts as a new rule for idempotency keys.
+fn fingerprint_hash(rule: &Rule) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    fingerprint(rule).hash(&mut h);
+    format!("{:?}", rule.actions).hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 fn set_hash(rules: &[Rule]) -> String {
@@ -862,6 +874,7 @@ mod tests {
         let (_dir, r, engine, mut rx) = setup(RULE);
         let s = 1000;
         let mut requests = 0;
+        let mut resolved = 0;
         // Memory 0.9 from t=0; evaluations every 5 s.
         for (t, ratio) in [
             (0, 0.9),
@@ -875,6 +888,14 @@ mod tests {
             publish_memory(&r, ratio, t * s);
             engine.tick(t * s);
             while let Ok(req) = rx.try_recv() {
+                if req.event == Event::Resolved {
+                    // The resolution is handed over too (alerts resolve, breakers count
+                    // again); it never executes anything.
+                    assert_eq!(t, 25, "resolved at the first evaluation under the clear level");
+                    resolved += 1;
+                    continue;
+                }
+                assert_eq!(req.event, Event::Firing);
                 requests += 1;
                 assert_eq!(req.rule, "HighMemory");
                 assert_eq!(req.labels.get("severity"), Some("warning"));
@@ -901,6 +922,7 @@ mod tests {
             requests, 1,
             "one request on the firing edge, none on resolve"
         );
+        assert_eq!(resolved, 1);
         let text = r.render();
         assert!(
             text.contains("autotuner_rule_action_requests_total{rule=\"HighMemory\"} 1"),

@@ -1,15 +1,17 @@
 //! What a rule file says: serde types mirroring the YAML, `deny_unknown_fields` throughout. The
 //! shape is a Prometheus rule file's (groups of rules with `expr`, `for`, `labels`,
 //! `annotations`) with a rule's `name` instead of `alert`, and the autotuner's additions:
-//! `clear`, `mode`, `cooldown`, `repeat`, `on_absent`, `allow_destructive` and `actions`.
+//! `clear`, `mode`, `cooldown`, `repeat`, `on_absent`, `allow_destructive`, `actions` and
+//! `verify`.
 //!
-//! Uses `actions::ActionSpec` (the input type of the next stage) and `settings::HumanDuration`.
+//! Uses `actions` types (the input types of the next stage) and `settings::HumanDuration`.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::actions::ActionSpec;
+pub use crate::actions::Mode;
+use crate::actions::{ActionSpec, VerifySpec};
 use crate::settings::HumanDuration;
 
 /// A rule file.
@@ -69,18 +71,8 @@ pub struct RuleSpec {
     /// What to do on the firing edge.
     #[serde(default)]
     pub actions: Vec<ActionSpec>,
-}
-
-/// Whether actions run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Evaluate and record, request nothing.
-    Observe,
-    /// Go through the gate and record what would be done, change nothing.
-    DryRun,
-    /// Act.
-    Enforce,
+    /// How to tell, some time after acting, whether the actions helped.
+    pub verify: Option<VerifySpec>,
 }
 
 /// What an absent condition means.

@@ -17,7 +17,7 @@ use super::engine::{self, Runtime};
 use super::expr::memory::{MemorySeries, parse_labels};
 use super::expr::{Evaluator, NAME, Query, Value};
 use super::state::State;
-use crate::sample::Labels;
+use crate::sample::{Labels, template};
 use crate::yaml;
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +230,9 @@ fn run_group(
             let requests = engine::evaluate(&series, rule, rt, t)
                 .map_err(|e| format!("rule {} at {}ms: {e}", rule.name, t))?;
             for r in requests {
+                if r.event == crate::actions::Event::Resolved {
+                    continue;
+                }
                 let kinds = r.actions.iter().map(|a| a.kind().to_owned()).collect();
                 requests_at
                     .entry((t, rule.name.clone()))
@@ -346,62 +349,4 @@ fn show(v: &[(Labels, f64)]) -> String {
         })
         .collect();
     format!("[{}]", items.join(", "))
-}
-
-/// Fills `{{ $value }}` and `{{ $labels.name }}` in an annotation, as Prometheus's templates
-/// do for those two forms.
-pub fn template(text: &str, labels: &BTreeMap<String, String>, value: f64) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let Some(end) = rest[start..].find("}}") else {
-            out.push_str(&rest[start..]);
-            return out;
-        };
-        let inner = rest[start + 2..start + end].trim();
-        match inner {
-            "$value" => out.push_str(&format_value(value)),
-            _ => match inner.strip_prefix("$labels.") {
-                Some(name) => out.push_str(labels.get(name).map_or("", String::as_str)),
-                None => out.push_str(&rest[start..start + end + 2]),
-            },
-        }
-        rest = &rest[start + end + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// A value as Go's `%v` prints a float64 in templates (`0.9`, `5`, `1e+21`).
-fn format_value(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        format!("{v}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_fill_value_and_labels() {
-        let labels = BTreeMap::from([("target".to_owned(), "cache".to_owned())]);
-        assert_eq!(
-            template("{{ $labels.target }} at {{$value}}", &labels, 0.25),
-            "cache at 0.25"
-        );
-        assert_eq!(
-            template("no {{ .Other }} here", &labels, 1.0),
-            "no {{ .Other }} here"
-        );
-    }
 }

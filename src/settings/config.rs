@@ -37,6 +37,80 @@ pub struct Config {
     pub pgbouncer: PgBouncerConfig,
     /// How long the in-memory history keeps each series.
     pub history_retention: Duration,
+    /// The actions stage: its global mode, limits, breaker and audit log.
+    pub actions: ActionsConfig,
+    /// The knobs actions may move.
+    pub knobs: Vec<KnobDecl>,
+}
+
+/// Which mode rules act in, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GlobalMode {
+    /// No rule requests anything.
+    Observe,
+    /// Rules rehearse at most.
+    DryRun,
+    /// Rules act in their own mode.
+    Enforce,
+}
+
+/// A token bucket: `count` actions per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Actions…
+    pub count: u32,
+    /// …per this long.
+    pub per: HumanDuration,
+}
+
+/// The actions stage's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionsConfig {
+    /// The highest mode any rule acts in (the kill switch): `observe`, `dry_run` or `enforce`.
+    pub mode: GlobalMode,
+    /// Longest one action may run.
+    pub timeout: Duration,
+    /// For all actions together.
+    pub global_limit: Option<RateLimit>,
+    /// For each target.
+    pub target_limit: Option<RateLimit>,
+    /// Per action kind.
+    pub kind_limits: std::collections::BTreeMap<String, RateLimit>,
+    /// The breaker opens after this many acting requests…
+    pub breaker_max_actions: u32,
+    /// …within this window without the condition clearing.
+    pub breaker_window: Duration,
+    /// Programs `exec` may run (absolute paths).
+    pub exec_allow: Vec<String>,
+    /// Rotate the audit log at this size.
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    pub audit_keep: usize,
+    /// How often an `alertmanager` action resends a firing alert.
+    pub alert_resend: Duration,
+}
+
+/// A declared knob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnobDecl {
+    /// Its name.
+    pub name: String,
+    /// Its first value.
+    pub initial: f64,
+    /// Lowest.
+    pub min: f64,
+    /// Highest.
+    pub max: f64,
+    /// Whole numbers only.
+    pub integer: bool,
+    /// Redis key mirroring the value.
+    pub redis_key: Option<String>,
+    /// Redis target of the mirror.
+    pub redis_target: Option<String>,
+    /// URL the new value is POSTed to.
+    pub webhook: Option<String>,
 }
 
 /// When a collector runs.
@@ -168,6 +242,115 @@ struct ConfigSpec {
     collectors: CollectorsSpec,
     targets: TargetsSpec,
     history: HistorySpec,
+    actions: ActionsSpec,
+    knobs: std::collections::BTreeMap<String, KnobSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ActionsSpec {
+    mode: GlobalMode,
+    timeout: HumanDuration,
+    rate_limits: RateLimitsSpec,
+    breaker: BreakerSpec,
+    exec_allow: Vec<String>,
+    audit: AuditSpec,
+    alert_resend: HumanDuration,
+}
+
+impl Default for ActionsSpec {
+    fn default() -> Self {
+        ActionsSpec {
+            // The ceiling, not the default: each rule's own mode (dry_run unless it says
+            // otherwise) applies under it. Lowering it disarms every rule at once.
+            mode: GlobalMode::Enforce,
+            timeout: HumanDuration(Duration::from_secs(30)),
+            rate_limits: RateLimitsSpec::default(),
+            breaker: BreakerSpec::default(),
+            exec_allow: Vec::new(),
+            audit: AuditSpec::default(),
+            // Prometheus's own resend delay.
+            alert_resend: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RateLimitsSpec {
+    global: Option<RateLimit>,
+    per_target: Option<RateLimit>,
+    per_kind: std::collections::BTreeMap<String, RateLimit>,
+}
+
+impl Default for RateLimitsSpec {
+    fn default() -> Self {
+        let minute = HumanDuration(Duration::from_secs(60));
+        RateLimitsSpec {
+            // Far more than a healthy rule set needs, far fewer than a storm would take.
+            global: Some(RateLimit {
+                count: 10,
+                per: minute,
+            }),
+            per_target: Some(RateLimit {
+                count: 5,
+                per: minute,
+            }),
+            per_kind: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BreakerSpec {
+    max_actions: u32,
+    window: HumanDuration,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        BreakerSpec {
+            max_actions: 5,
+            window: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AuditSpec {
+    max_bytes: u64,
+    keep: usize,
+}
+
+impl Default for AuditSpec {
+    fn default() -> Self {
+        AuditSpec {
+            max_bytes: 16 << 20,
+            keep: 5,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KnobSpec {
+    initial: f64,
+    min: f64,
+    max: f64,
+    #[serde(default = "yes")]
+    integer: bool,
+    #[serde(default)]
+    mirror: KnobMirrorSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct KnobMirrorSpec {
+    redis_key: Option<String>,
+    redis_target: Option<String>,
+    webhook: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -658,6 +841,8 @@ impl ConfigSpec {
             );
         }
 
+        let (actions, knobs) = self.validate_actions(&mut c, &redis_targets);
+
         match (
             mount_points_exclude,
             fs_types_exclude,
@@ -702,6 +887,8 @@ impl ConfigSpec {
                         targets: bouncer_targets,
                     },
                     history_retention: retention,
+                    actions,
+                    knobs,
                 })
             }
             _ => {
@@ -713,9 +900,134 @@ impl ConfigSpec {
     }
 }
 
+impl ConfigSpec {
+    fn validate_actions(
+        &self,
+        c: &mut Checker<'_>,
+        redis_targets: &[Target],
+    ) -> (ActionsConfig, Vec<KnobDecl>) {
+        let a = &self.actions;
+        let at = |f: &[&str]| -> Vec<Seg> {
+            let mut p: Vec<Seg> = vec!["actions".into()];
+            p.extend(f.iter().map(|s| Seg::from(*s)));
+            p
+        };
+        if a.timeout.0 < Duration::from_millis(100) {
+            c.error(&at(&["timeout"]), "timeout must be at least 100ms");
+        }
+        let mut limit = |path: Vec<Seg>, l: &RateLimit| {
+            if l.count == 0 || l.per.0.is_zero() {
+                c.error(
+                    &path,
+                    "a rate limit needs a count and a period above zero (leave it out for no limit)",
+                );
+            }
+        };
+        if let Some(l) = &a.rate_limits.global {
+            limit(at(&["rate_limits", "global"]), l);
+        }
+        if let Some(l) = &a.rate_limits.per_target {
+            limit(at(&["rate_limits", "per_target"]), l);
+        }
+        for (k, l) in &a.rate_limits.per_kind {
+            limit(at(&["rate_limits", "per_kind", k]), l);
+        }
+        for (i, p) in a.exec_allow.iter().enumerate() {
+            if !p.starts_with('/') {
+                let mut path = at(&["exec_allow"]);
+                path.push(i.into());
+                c.error(
+                    &path,
+                    format!("{p:?}: exec_allow takes absolute program paths (no $PATH lookup)"),
+                );
+            }
+        }
+        if a.audit.max_bytes < 4096 {
+            c.error(
+                &at(&["audit", "max_bytes"]),
+                "max_bytes must be at least 4096",
+            );
+        }
+        let mut knobs = Vec::new();
+        for (name, k) in &self.knobs {
+            let path =
+                |f: &str| -> Vec<Seg> { vec!["knobs".into(), name.as_str().into(), f.into()] };
+            let finite = k.min.is_finite() && k.max.is_finite() && k.initial.is_finite();
+            if !finite || k.min > k.max {
+                c.error(
+                    &path("min"),
+                    format!("knob {name:?}: min must not exceed max"),
+                );
+            } else if !(k.min..=k.max).contains(&k.initial) {
+                c.error(
+                    &path("initial"),
+                    format!("knob {name:?}: initial must lie between min and max"),
+                );
+            }
+            if let Some(t) = &k.mirror.redis_target
+                && !redis_targets.iter().any(|r| &r.name == t)
+            {
+                c.error(
+                    &path("mirror"),
+                    format!("knob {name:?}: no Redis target named {t:?}"),
+                );
+            }
+            if let Some(u) = &k.mirror.webhook {
+                c.url(&path("mirror"), u, &["http", "https"]);
+            }
+            knobs.push(KnobDecl {
+                name: name.clone(),
+                initial: k.initial,
+                min: k.min,
+                max: k.max,
+                integer: k.integer,
+                redis_key: k.mirror.redis_key.clone(),
+                redis_target: k.mirror.redis_target.clone(),
+                webhook: k.mirror.webhook.clone(),
+            });
+        }
+        (
+            ActionsConfig {
+                mode: a.mode,
+                timeout: a.timeout.0,
+                global_limit: a.rate_limits.global,
+                target_limit: a.rate_limits.per_target,
+                kind_limits: a.rate_limits.per_kind.clone(),
+                breaker_max_actions: a.breaker.max_actions,
+                breaker_window: a.breaker.window.0,
+                exec_allow: a.exec_allow.clone(),
+                audit_max_bytes: a.audit.max_bytes,
+                audit_keep: a.audit.keep.max(1),
+                alert_resend: a.alert_resend.0,
+            },
+            knobs,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actions_and_knobs_are_read_and_checked() {
+        let c = Config::parse(
+            "actions:\n  mode: dry_run\n  rate_limits:\n    per_kind:\n      redis_evict: {count: 3, per: 1h}\n  exec_allow: [/usr/bin/sync]\nknobs:\n  batch_size: {initial: 500, min: 50, max: 5000, mirror: {redis_key: 'app:batch_size'}}\n",
+        )
+        .unwrap();
+        assert_eq!(c.actions.mode, GlobalMode::DryRun);
+        assert_eq!(c.actions.kind_limits["redis_evict"].count, 3);
+        assert_eq!(c.knobs[0].name, "batch_size");
+        assert!(c.knobs[0].integer);
+        assert_eq!(c.knobs[0].redis_key.as_deref(), Some("app:batch_size"));
+        let errs = errors(
+            "actions:\n  exec_allow: [sync]\nknobs:\n  b: {initial: 9, min: 1, max: 5}\n  c: {initial: 1, min: 1, max: 5, mirror: {redis_target: nope}}\n",
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("2:16:"), "{errs:?}");
+        assert!(errs[1].contains("initial must lie between"), "{errs:?}");
+        assert!(errs[2].contains("no Redis target named"), "{errs:?}");
+    }
 
     fn errors(text: &str) -> Vec<String> {
         match Config::parse(text) {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::yaml::Diagnostic;
 
-mod config;
+pub mod config;
 pub mod secret;
 
 pub use config::{
@@ -442,6 +442,13 @@ impl fmt::Display for Located<'_> {
 /// A duration written the Prometheus way: `500ms`, `30s`, `5m`, `1h30m`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
+
+impl serde::Serialize for HumanDuration {
+    /// As milliseconds with a unit (`1500ms`), which `parse` reads back.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+    }
+}
 
 impl HumanDuration {
     /// Parses a Prometheus-style duration.
