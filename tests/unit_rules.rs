@@ -18,7 +18,7 @@ fn root() -> &'static Path {
 fn the_shipped_rules_pass_their_unit_tests() {
     let dir = root().join("rules/tests");
     let files = autotuner::rules::compile::rule_files(&dir).unwrap();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 4, "{files:?}");
     let out = Command::new(BIN)
         .args(["test", "rules"])
         .args(&files)
@@ -26,7 +26,7 @@ fn the_shipped_rules_pass_their_unit_tests() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert_eq!(stdout.matches("SUCCESS").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("SUCCESS").count(), 4, "{stdout}");
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn a_wrong_expectation_fails_and_says_what_came() {
     std::fs::write(dir.path().join("r.yml"), "groups:\n  - name: g\n    rules:\n      - name: Up\n        expr: up == 0\n        actions: [ {redis_memory_purge: {}} ]\n").unwrap();
     std::fs::write(
         dir.path().join("t.yml"),
-        "rule_files: [r.yml]\nevaluation_interval: 1m\ntests:\n  - input_series:\n      - series: up{job=\"a\"}\n        values: 1 0 0\n    action_test:\n      - eval_time: 1m\n        rule: Up\n        exp_requests: []\n    promql_expr_test:\n      - expr: up\n        eval_time: 2m\n        exp_samples:\n          - labels: 'up{job=\"a\"}'\n            value: 1\n",
+        "rule_files: [r.yml]\nevaluation_interval: 1m\ntests:\n  - input_series:\n      - series: up{job=\"a\"}\n        values: 1 0 0\n    action_test:\n      - eval_time: 1m\n        rule: Up\n        exp_requests:\n          - labels: {job: a}\n            actions: [redis_memory_purge]\n            decisions: [applied]\n    promql_expr_test:\n      - expr: up\n        eval_time: 2m\n        exp_samples:\n          - labels: 'up{job=\"a\"}'\n            value: 1\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -75,7 +75,8 @@ fn a_wrong_expectation_fails_and_says_what_came() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("rule \"Up\" at 1m: expected requests {}, got {({\"job\": \"a\"}, [\"redis_memory_purge\"])}"), "{stdout}");
+    // A rule without its own mode rehearses (dry_run): the gate's decision is would_apply.
+    assert!(stdout.contains("rule \"Up\" at 1m: expected requests {({\"job\": \"a\"}, [\"redis_memory_purge\"], Some([\"applied\"]))}, got {({\"job\": \"a\"}, [\"redis_memory_purge\"], Some([\"would_apply\"]))}"), "{stdout}");
     assert!(
         stdout.contains("expr \"up\" at 2m: expected [up{job=\"a\"} 1], got [up{job=\"a\"} 0]"),
         "{stdout}"

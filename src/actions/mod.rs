@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gate;
 pub mod knobs;
 pub mod runner;
+pub mod simulate;
 
 use std::collections::BTreeMap;
 
@@ -85,6 +86,50 @@ pub struct ActionRequest {
     pub rule_version: String,
     /// When, in milliseconds since the Unix epoch.
     pub at_ms: i64,
+}
+
+impl ActionRequest {
+    /// The rule instance, `rule{labels}`: the unit of cooldowns and breakers.
+    pub fn instance(&self) -> String {
+        format!("{}{}", self.rule, self.labels)
+    }
+
+    /// The mode the request acts in: the rule's own (`dry_run` when it has none), capped by
+    /// the global one.
+    pub fn effective_mode(&self, cap: Mode) -> Mode {
+        self.mode.unwrap_or(Mode::DryRun).min(cap)
+    }
+
+    /// The idempotency key of its `index`-th action: the rule and its version, the instance,
+    /// the firing episode and, for a repeat, its time. A replay of the same request (after a
+    /// restart, a duplicate delivery) has the same key and is not run twice.
+    pub fn idempotency_key(&self, index: usize) -> String {
+        use std::hash::{Hash, Hasher};
+        let repeat_at = if self.event == Event::Repeat {
+            self.at_ms
+        } else {
+            0
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &self.rule,
+            &self.rule_version,
+            self.labels.to_string(),
+            self.episode_ms,
+            repeat_at,
+            index,
+        )
+            .hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+}
+
+impl ActionSpec {
+    /// Whether the breaker counts this action: a knob controller is bounded by its own
+    /// limits, stabilization and change budget, and acting over and over is its job.
+    pub fn counts_for_breaker(&self) -> bool {
+        !matches!(self, ActionSpec::Knob(k) if k.controller.is_some())
+    }
 }
 
 /// A rule's `verify`: checked `after` its actions ran.

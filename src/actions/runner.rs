@@ -177,12 +177,13 @@ struct GateFile {
     rehearsal: Persisted,
 }
 
-/// A stable hash of the parts of an idempotency key.
-fn key_of(parts: &[&str]) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parts.hash(&mut h);
-    format!("{:016x}", h.finish())
+/// The global mode as the highest mode a rule acts in.
+pub fn cap(mode: GlobalMode) -> Mode {
+    match mode {
+        GlobalMode::Observe => Mode::Observe,
+        GlobalMode::DryRun => Mode::DryRun,
+        GlobalMode::Enforce => Mode::Enforce,
+    }
 }
 
 fn labels_of(req: &ActionRequest) -> BTreeMap<String, String> {
@@ -326,13 +327,7 @@ impl Actions {
     }
 
     fn mode(&self, req: &ActionRequest) -> Mode {
-        let own = req.mode.unwrap_or(Mode::DryRun);
-        let cap = match self.inner.config.mode {
-            GlobalMode::Observe => Mode::Observe,
-            GlobalMode::DryRun => Mode::DryRun,
-            GlobalMode::Enforce => Mode::Enforce,
-        };
-        own.min(cap)
+        req.effective_mode(cap(self.inner.config.mode))
     }
 
     fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
@@ -430,31 +425,22 @@ impl Actions {
 
     async fn act(&self, req: &ActionRequest) {
         let mode = self.mode(req);
-        let instance = format!("{}{}", req.rule, req.labels);
+        let instance = req.instance();
         self.inner
             .metrics
             .breaker_open
             .with_label_values(&[&req.rule])
             .add(0.0);
-        let repeat_at = if req.event == Event::Repeat {
-            req.at_ms.to_string()
-        } else {
-            String::new()
-        };
+        // Acted: counts for the cooldown and the breaker. Executed: something ran and
+        // succeeded, so a verification is due.
         let mut acted = false;
+        let mut executed = false;
         let mut rehearsed = false;
         let mut knob_moves: Vec<(String, f64, f64)> = Vec::new();
         for (i, spec) in req.actions.iter().enumerate() {
             let kind = spec.kind();
             let target = exec::target_of(spec, &self.inner.services);
-            let key = key_of(&[
-                &req.rule,
-                &req.rule_version,
-                &req.labels.to_string(),
-                &req.episode_ms.to_string(),
-                &repeat_at,
-                &i.to_string(),
-            ]);
+            let key = req.idempotency_key(i);
             let mut record = self.base(req, mode, Some(spec), Some(&target));
             record.idempotency_key = Some(key.clone());
 
@@ -544,7 +530,7 @@ impl Actions {
                         .duration
                         .with_label_values(&[kind])
                         .observe(took.as_secs_f64());
-                    acted = true;
+                    acted |= spec.counts_for_breaker();
                     let mut result = record;
                     result.phase = "result".into();
                     result.time = rfc3339(now_ms());
@@ -552,6 +538,7 @@ impl Actions {
                     result.duration_ms = Some(took.as_secs_f64() * 1000.0);
                     match outcome {
                         Ok(Ok(o)) => {
+                            executed = true;
                             result.decision = "applied".into();
                             if !o.before.is_null() {
                                 result.before = o.before;
@@ -585,7 +572,7 @@ impl Actions {
                     self.write(result).await;
                 }
                 Verdict::WouldApply => {
-                    rehearsed = true;
+                    rehearsed |= spec.counts_for_breaker();
                     record.decision = "would_apply".into();
                     self.count(&req.rule, kind, "would_apply");
                     self.write(record).await;
@@ -628,7 +615,7 @@ impl Actions {
             ));
             self.write(r).await;
         }
-        if acted && let (Some(v), Some(verifier)) = (&req.verify, &self.inner.verifier) {
+        if executed && let (Some(v), Some(verifier)) = (&req.verify, &self.inner.verifier) {
             let me = self.clone();
             let req = req.clone();
             let verifier = verifier.clone();
@@ -886,7 +873,7 @@ impl Actions {
     }
 
     async fn resolved(&self, req: &ActionRequest) {
-        let instance = format!("{}{}", req.rule, req.labels);
+        let instance = req.instance();
         {
             let mut g = self.gates();
             g.enforce.cleared(&instance);

@@ -891,7 +891,10 @@ mod tests {
                 if req.event == Event::Resolved {
                     // The resolution is handed over too (alerts resolve, breakers count
                     // again); it never executes anything.
-                    assert_eq!(t, 25, "resolved at the first evaluation under the clear level");
+                    assert_eq!(
+                        t, 25,
+                        "resolved at the first evaluation under the clear level"
+                    );
                     resolved += 1;
                     continue;
                 }

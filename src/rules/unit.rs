@@ -1,6 +1,8 @@
 //! Rule unit tests in promtool's own test-file format (`rule_files`, `evaluation_interval`,
 //! `tests` with `input_series` in the expanding notation, `promql_expr_test`, `alert_rule_test`),
-//! extended with `action_test`: the action requests a rule makes at a given time. A file of
+//! extended with `action_test`: the action requests a rule makes at a given time, the
+//! decisions the actions stage's gate would make for them, and the values of the knobs they
+//! move (declared in a top-level `knobs:`). A file of
 //! `promql_expr_test` cases (with `rule_files: []`) runs under `promtool test rules` too, which
 //! is how the evaluator is checked against the real Prometheus.
 //!
@@ -17,6 +19,8 @@ use super::engine::{self, Runtime};
 use super::expr::memory::{MemorySeries, parse_labels};
 use super::expr::{Evaluator, NAME, Query, Value};
 use super::state::State;
+use crate::actions::knobs::KnobConfig;
+use crate::actions::simulate::Simulator;
 use crate::sample::{Labels, template};
 use crate::yaml;
 
@@ -30,7 +34,24 @@ struct TestFile {
     #[serde(default)]
     #[allow(dead_code)]
     group_eval_order: Vec<String>,
+    /// Knobs the rules move, as the configuration would declare them (our extension).
+    #[serde(default)]
+    knobs: BTreeMap<String, TestKnob>,
     tests: Vec<TestGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestKnob {
+    initial: f64,
+    min: f64,
+    max: f64,
+    #[serde(default = "yes")]
+    integer: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +121,9 @@ struct ActionTest {
     rule: String,
     #[serde(default)]
     exp_requests: Vec<ExpRequest>,
+    /// Knob values after the evaluation at `eval_time`.
+    #[serde(default)]
+    exp_knobs: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +133,9 @@ struct ExpRequest {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     actions: Vec<String>,
+    /// The gate's decision for each action, in order (`applied`, `would_apply`,
+    /// `skipped_cooldown`, `unchanged`, …); left out, decisions are not checked.
+    decisions: Option<Vec<String>>,
 }
 
 /// A duration that may be zero (`0`, `0s`, `5m`, `1h30m`), in milliseconds.
@@ -152,20 +179,43 @@ pub fn run_file(file: &Path) -> Vec<String> {
     let mut failures = Vec::new();
     for (i, group) in spec.tests.iter().enumerate() {
         let name = group.name.clone().unwrap_or_else(|| format!("tests[{i}]"));
-        if let Err(e) = run_group(group, &loaded.rules, default_interval, &mut failures, &name) {
+        let knobs = spec
+            .knobs
+            .iter()
+            .map(|(n, k)| KnobConfig {
+                name: n.clone(),
+                initial: k.initial,
+                min: k.min,
+                max: k.max,
+                integer: k.integer,
+                redis_key: None,
+                redis_target: None,
+                webhook: None,
+            })
+            .collect();
+        let ctx = Ctx {
+            rules: &loaded.rules,
+            knobs,
+            eval_interval: default_interval,
+            name: &name,
+        };
+        if let Err(e) = run_group(group, &ctx, &mut failures) {
             failures.push(format!("{name}: {e}"));
         }
     }
     failures
 }
 
-fn run_group(
-    group: &TestGroup,
-    rules: &[Rule],
+/// What a test group runs against.
+struct Ctx<'a> {
+    rules: &'a [Rule],
+    knobs: Vec<KnobConfig>,
     eval_interval: i64,
-    failures: &mut Vec<String>,
-    name: &str,
-) -> Result<(), String> {
+    name: &'a str,
+}
+
+fn run_group(group: &TestGroup, ctx: &Ctx<'_>, failures: &mut Vec<String>) -> Result<(), String> {
+    let (rules, eval_interval, name) = (ctx.rules, ctx.eval_interval, ctx.name);
     let step = group
         .interval
         .as_deref()
@@ -223,6 +273,8 @@ fn run_group(
     let mut runtimes: BTreeMap<&str, Runtime> = BTreeMap::new();
     let mut states_at: BTreeMap<i64, BTreeMap<String, Vec<Seen>>> = BTreeMap::new();
     let mut requests_at: BTreeMap<(i64, String), Vec<Requested>> = BTreeMap::new();
+    let mut knobs_at: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+    let mut sim = Simulator::new(ctx.knobs.clone());
     let mut t = 0;
     while t <= last {
         for rule in rules {
@@ -230,6 +282,7 @@ fn run_group(
             let requests = engine::evaluate(&series, rule, rt, t)
                 .map_err(|e| format!("rule {} at {}ms: {e}", rule.name, t))?;
             for r in requests {
+                let decisions = sim.request(&r);
                 if r.event == crate::actions::Event::Resolved {
                     continue;
                 }
@@ -237,7 +290,7 @@ fn run_group(
                 requests_at
                     .entry((t, rule.name.clone()))
                     .or_default()
-                    .push((r.labels, kinds));
+                    .push((r.labels, kinds, decisions));
             }
             let snapshot = rt
                 .instances
@@ -249,6 +302,13 @@ fn run_group(
                 .or_default()
                 .insert(rule.name.clone(), snapshot);
         }
+        knobs_at.insert(
+            t,
+            ctx.knobs
+                .iter()
+                .filter_map(|k| Some((k.name.clone(), sim.knob(&k.name)?)))
+                .collect(),
+        );
         t += eval_interval;
     }
 
@@ -299,31 +359,51 @@ fn run_group(
 
     for a in &group.action_test {
         let at = time_ms(&a.eval_time)?;
-        let got: BTreeSet<(BTreeMap<String, String>, Vec<String>)> = requests_at
+        let label_map = |l: &Labels| -> BTreeMap<String, String> {
+            l.iter()
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .collect()
+        };
+        let made = requests_at
             .get(&(at, a.rule.clone()))
-            .map(|v| {
-                v.iter()
-                    .map(|(l, k)| {
-                        (
-                            l.iter()
-                                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                                .collect(),
-                            k.clone(),
-                        )
-                    })
-                    .collect()
-            })
+            .cloned()
             .unwrap_or_default();
+        // Decisions are compared only where the test states them.
+        let got: BTreeSet<Stated> =
+            made.iter()
+                .map(|(l, k, d)| {
+                    let with = a.exp_requests.iter().any(|e| {
+                        e.labels == label_map(l) && e.actions == *k && e.decisions.is_some()
+                    });
+                    (label_map(l), k.clone(), with.then(|| d.clone()))
+                })
+                .collect();
         let want: BTreeSet<_> = a
             .exp_requests
             .iter()
-            .map(|e| (e.labels.clone(), e.actions.clone()))
+            .map(|e| (e.labels.clone(), e.actions.clone(), e.decisions.clone()))
             .collect();
         if want != got {
             failures.push(format!(
                 "{name}: rule {:?} at {}: expected requests {want:?}, got {got:?}",
                 a.rule, a.eval_time
             ));
+        }
+        if !a.exp_knobs.is_empty() {
+            let now = knobs_at
+                .range(..=at)
+                .next_back()
+                .map(|(_, k)| k.clone())
+                .unwrap_or_default();
+            for (k, want) in &a.exp_knobs {
+                let got = now.get(k).copied();
+                if got.is_none_or(|g| !close(g, *want)) {
+                    failures.push(format!(
+                        "{name}: knob {k:?} at {}: expected {want}, got {got:?}",
+                        a.eval_time
+                    ));
+                }
+            }
         }
     }
     Ok(())
@@ -332,8 +412,11 @@ fn run_group(
 /// An instance seen at one evaluation: labels, state, value.
 type Seen = (Labels, State, f64);
 
-/// A request made at one evaluation: labels and action kinds.
-type Requested = (Labels, Vec<String>);
+/// A request as an `action_test` states it: labels, action kinds, decisions if stated.
+type Stated = (BTreeMap<String, String>, Vec<String>, Option<Vec<String>>);
+
+/// A request made at one evaluation: labels, action kinds, and the simulated decisions.
+type Requested = (Labels, Vec<String>, Vec<String>);
 
 fn close(a: f64, b: f64) -> bool {
     a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
