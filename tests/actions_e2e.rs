@@ -446,3 +446,78 @@ async fn a_sigkill_in_a_burst_of_actions_leaves_an_audit_log_that_accounts_for_e
     });
     assert!(!by_decision.contains_key("failed"), "{by_decision:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_records_whether_it_helped_and_reverts_a_knob_change_that_made_things_worse() {
+    let rules = tempfile::tempdir().unwrap();
+    // Both conditions are evaluated by the real evaluator over the real host metrics; which
+    // way they come out is fixed by choosing conditions that always or never hold.
+    std::fs::write(
+        rules.path().join("verify.yml"),
+        "groups:
+  - name: verify
+    interval: 1s
+    rules:
+      - name: Helps
+        expr: host_cpus > 0
+        mode: enforce
+        actions:
+          - knob: {name: workers, step: 2}
+        verify: {after: 1s, expr: 'host_cpus > 0'}
+      - name: Hurts
+        expr: host_cpus > 0
+        mode: enforce
+        actions:
+          - knob: {name: batch_size, step: 100}
+        verify: {after: 1s, expr: 'host_cpus < 0', worse: 'host_cpus > 0'}
+",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = common::write_config(
+        &dir,
+        "collectors:\n  host: {interval: 1s}\nknobs:\n  batch_size: {initial: 1000, min: 100, max: 2000}\n  workers: {initial: 4, min: 1, max: 16}\n",
+    );
+    let args = [
+        format!("--config.file={config}"),
+        format!("--rules.dir={}", rules.path().display()),
+        format!("--data.dir={}", data.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let app = Autotuner::start(&args, &[]).await_ready().await;
+    let s = app
+        .scrape_until(Duration::from_secs(20), "both verifications", |s| {
+            s.value(
+                "autotuner_action_verifications_total",
+                &[("rule", "Hurts"), ("outcome", "worsened")],
+            ) == Some(1.0)
+                && s.value(
+                    "autotuner_action_verifications_total",
+                    &[("rule", "Helps"), ("outcome", "effective")],
+                ) == Some(1.0)
+        })
+        .await;
+    // The change that helped stays; the one that hurt is undone.
+    assert_eq!(
+        s.value("autotuner_knob_value", &[("knob", "workers")]),
+        Some(6.0)
+    );
+    assert_eq!(
+        s.value("autotuner_knob_value", &[("knob", "batch_size")]),
+        Some(1000.0)
+    );
+    let records = audit(&data);
+    let hurt = records
+        .iter()
+        .find(|r| r.phase == "verification" && r.rule.as_deref() == Some("Hurts"))
+        .unwrap();
+    assert_eq!(hurt.decision, "worsened");
+    assert_eq!(hurt.result["reverted"][0]["from"], 1100.0);
+    assert_eq!(hurt.result["reverted"][0]["to"], 1000.0);
+    let helped = records
+        .iter()
+        .find(|r| r.phase == "verification" && r.rule.as_deref() == Some("Helps"))
+        .unwrap();
+    assert_eq!(helped.decision, "effective");
+}
