@@ -11,7 +11,8 @@
 //!   registry: latest snapshot per collector + bounded history ──▶ GET /metrics
 //!         │ read-only
 //!         ▼
-//!   ② rules → ③ actions → ④ audit            (later stages; see DESIGN.md)
+//!   ② rules (PromQL conditions, state) ──ActionRequest──▶ ③ actions (gate, executors,
+//!                                                         knobs) ──▶ ④ audit (JSON Lines)
 //! ```
 //!
 //! # Layout
@@ -26,6 +27,9 @@
 //! - [`targets`]: connection handles to the monitored services, shared by collectors and
 //!   actions.
 //! - [`collect`]: the `Collector` trait, the scheduler, and one module per source.
+//! - [`rules`]: rule files, PromQL evaluation, the state machine, the engine and reload.
+//! - [`actions`]: the gate, the knobs, the executors and the runner.
+//! - [`audit`]: the append-only decision log.
 //! - [`http`]: the router and its handlers.
 //!
 //! # The dependency rule
