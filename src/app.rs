@@ -10,13 +10,18 @@ use anyhow::Context as _;
 
 use crate::actions::Verifier;
 use crate::actions::exec::Services;
+use crate::actions::playbook::Playbooks;
 use crate::actions::runner::Actions;
+use crate::advisor::Recommendations;
 use crate::collect;
 use crate::collect::host::HostCollector;
 use crate::collect::http_probe::HttpProbeCollector;
 use crate::collect::pgbouncer::PgBouncerCollector;
 use crate::collect::postgres::{self, PostgresCollector};
 use crate::collect::redis::{self, RedisCollector};
+use crate::http::admin::Admin;
+use crate::http::auth::Auth;
+use crate::http::intake::AlertIntake;
 use crate::http::{self, AppState};
 use crate::registry::Registry;
 use crate::rules::{
@@ -70,6 +75,16 @@ impl Verifier for RegistryVerifier {
             }
         })
     }
+
+    fn value(&self, expr: &str) -> Result<Option<f64>, String> {
+        use rules::expr::{Evaluator, Query, Value};
+        let query = Query::parse(expr)?;
+        match Evaluator::new(self.0.as_ref(), collect::now_ms()).eval(&query)? {
+            Value::Scalar(x) => Ok(Some(x)),
+            Value::Vector(v) => Ok(v.first().map(|s| s.value)),
+            Value::Matrix(_) => Err("a value must be an instant vector or a scalar".into()),
+        }
+    }
 }
 
 /// Connections for the actions: a pool of one per PostgreSQL target, apart from the
@@ -78,6 +93,7 @@ impl Verifier for RegistryVerifier {
 fn action_services(settings: &Settings) -> anyhow::Result<Services> {
     let mut services = Services {
         exec_allow: settings.config.actions.exec_allow.clone(),
+        slow_threshold: settings.config.postgres.slow_query_threshold,
         http: reqwest::Client::builder()
             .user_agent(concat!("autotuner/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -149,7 +165,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     // The rule engine, its reload triggers (file watcher, SIGHUP, POST /-/reload) funnelled into
-    // one channel, and, until the actions stage exists, a consumer that records requests.
+    // one channel, and the actions stage that takes its requests.
     let data_dir = match std::fs::create_dir_all(&settings.data_dir) {
         Ok(()) => Some(settings.data_dir.as_path()),
         Err(err) => {
@@ -183,15 +199,37 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(
         engine.clone().run(reload_rx, shutdown.clone()),
     ));
-    let actions = Actions::new(
+    let (path, named) = &settings.playbooks_file;
+    let playbooks = Playbooks::load(path, *named)
+        .map_err(|errors| anyhow::anyhow!("invalid playbooks:\n  {}", errors.join("\n  ")))?;
+    let recommendations = Arc::new(Recommendations::new());
+    let mut services = action_services(&settings)?;
+    services.advice = Some(recommendations.clone());
+    services.registry = Some(registry.clone());
+    let actions = Actions::with_playbooks(
         settings.config.actions.clone(),
         &settings.config.knobs,
-        action_services(&settings)?,
+        services,
         data_dir,
         Some(Arc::new(RegistryVerifier(registry.clone()))),
         &registry,
+        playbooks,
     )
     .context("starting the actions stage")?;
+    let auth = Auth::new(
+        std::env::var("AUTOTUNER_READ_TOKEN").ok(),
+        std::env::var("AUTOTUNER_OPERATE_TOKEN").ok(),
+        settings.tokens_file.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("admin API tokens: {e}"))?;
+    registry
+        .register(Box::new(auth.metric()))
+        .context("registering the admin API's metrics")?;
+    let admin = Admin {
+        actions: Some(actions.clone()),
+        auth: Arc::new(auth),
+        intake: Arc::new(AlertIntake::new(registry.clone())),
+    };
     tasks.push(tokio::spawn(
         actions.clone().run(request_rx, shutdown.clone()),
     ));
@@ -201,6 +239,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         telemetry_path: settings.telemetry_path.clone(),
         started,
         engine: Some(engine.clone()),
+        recommendations: Some(recommendations),
+        admin: Some(Arc::new(admin)),
     });
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {

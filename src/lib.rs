@@ -40,6 +40,7 @@
 //! ours; `http` reads the registry; nothing imports `app`.
 
 pub mod actions;
+pub mod advisor;
 pub mod app;
 pub mod audit;
 pub mod collect;

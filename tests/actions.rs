@@ -76,6 +76,7 @@ fn request(rule: &str, mode: Mode, actions: Vec<ActionSpec>) -> ActionRequest {
         annotations: BTreeMap::from([("summary".into(), "test {{ $value }}".into())]),
         rule_version: "v1".into(),
         at_ms: 1,
+        actor: "engine".into(),
     }
 }
 

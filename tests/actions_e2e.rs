@@ -142,7 +142,12 @@ async fn the_documented_triggers_end_in_real_actions_on_the_real_services() {
          CREATE TABLE e2e_products (id int PRIMARY KEY, name text, views int);
          INSERT INTO e2e_products SELECT g, 'product ' || g, g FROM generate_series(1, 300) g;
          CREATE VIEW autotuner_cache_warm (key, value) AS
-           SELECT 'product:' || id, row_to_json(p)::text FROM e2e_products p ORDER BY views DESC LIMIT 100;",
+           SELECT 'product:' || id, row_to_json(p)::text FROM e2e_products p ORDER BY views DESC LIMIT 100;
+         DROP TABLE IF EXISTS e2e_orders;
+         CREATE TABLE e2e_orders (id serial PRIMARY KEY, customer_id int NOT NULL, total numeric);
+         INSERT INTO e2e_orders (customer_id, total)
+           SELECT g % 5000, g * 0.01 FROM generate_series(1, 200000) g;
+         ANALYZE e2e_orders;",
     )
     .await
     .unwrap();
@@ -199,6 +204,21 @@ async fn the_documented_triggers_end_in_real_actions_on_the_real_services() {
         ),
     )
     .unwrap();
+    // Slow statements: the shipped rule, timing compressed; the threshold (the collector's
+    // slow_query_threshold) is lowered in the configuration below so that a scan of 200k rows
+    // counts as slow on this machine.
+    std::fs::write(
+        rules.path().join("slow_queries.yml"),
+        shipped(
+            "slow_queries.yml",
+            &[
+                ("interval: 15s", "interval: 1s"),
+                ("for: 1m", "for: 1s"),
+                ("mode: dry_run", "mode: enforce"),
+            ],
+        ),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = common::write_config(
@@ -207,6 +227,7 @@ async fn the_documented_triggers_end_in_real_actions_on_the_real_services() {
             "collectors:
   host: {{interval: 1s}}
   redis: {{interval: 1s, hit_ratio_window: 5s}}
+  postgres: {{interval: 1s, window: 5s, slow_query_threshold: 5ms}}
 targets:
   redis: [{{name: cache, url: '{redis}'}}]
   postgres: [{{name: main, url: '{pg}'}}]
@@ -303,6 +324,39 @@ actions:
         "product 300"
     );
 
+    // Slow statements → ANALYZE and index advice naming the filtered column, proven with a
+    // hypothetical index, on the API.
+    for i in 0..15 {
+        db.query(
+            "SELECT count(*) FROM e2e_orders WHERE customer_id = $1",
+            &[&(i * 7)],
+        )
+        .await
+        .unwrap();
+    }
+    let http = common::client();
+    let url = app.url("/api/v1/recommendations");
+    wait_for(
+        Duration::from_secs(40),
+        "index advice for e2e_orders(customer_id)",
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let body: serde_json::Value =
+                    http.get(&url).send().await.unwrap().json().await.unwrap();
+                body["data"]["recommendations"].as_array().is_some_and(|l| {
+                    l.iter().any(|r| {
+                        r["table"] == "e2e_orders"
+                            && r["columns"] == serde_json::json!(["customer_id"])
+                            && r["verified"] == true
+                            && r["saving_ratio"].as_f64().is_some_and(|x| x > 0.9)
+                    })
+                })
+            }
+        },
+    )
+    .await;
+
     // Every decision is on record, and the metrics count them.
     let records = audit(&data);
     check_intents(&records);
@@ -318,6 +372,8 @@ actions:
     assert!(applied("HighMemory", "redis_evict"));
     assert!(applied("BatchSizeController", "knob"));
     assert!(applied("CacheMissRatioHigh", "cache_warm"));
+    assert!(applied("SlowQueries", "pg_analyze"));
+    assert!(applied("SlowQueries", "index_advice"));
     let s = app.scrape().await;
     assert!(
         s.value(
@@ -349,9 +405,11 @@ actions:
         .await
         .value("autotuner_knob_value", &[("knob", "batch_size")]);
     assert_eq!(again, Some(last));
-    db.batch_execute("DROP VIEW autotuner_cache_warm; DROP TABLE e2e_products;")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "DROP VIEW autotuner_cache_warm; DROP TABLE e2e_products; DROP TABLE e2e_orders;",
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! row budgets, time budgets, server-side timeouts) and reporting what it did as JSON for the
 //! audit log. The gate has already said yes when these run; the runner times them out.
 //!
-//! Uses `targets` (connection handles), `sample` (templates) and its parent's specs.
+//! Uses `targets` (connection handles), `sample` (templates), `advisor` (ANALYZE, index advice)
+//! and its parent's specs.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -27,6 +28,13 @@ pub struct Services {
     pub http: reqwest::Client,
     /// Programs `exec` may run.
     pub exec_allow: Vec<String>,
+    /// A statement slower than this on average is slow (the PostgreSQL collector's threshold),
+    /// for the index advisor.
+    pub slow_threshold: Duration,
+    /// Where index advice is kept for the API.
+    pub advice: Option<std::sync::Arc<crate::advisor::Recommendations>>,
+    /// Where the advice's metric is published.
+    pub registry: Option<std::sync::Arc<crate::registry::Registry>>,
 }
 
 /// What an action did.
@@ -458,6 +466,28 @@ pub async fn pg_terminate_idle(s: &Services, a: &PgTerminateIdle) -> Result<Outc
         .collect();
     Ok(Outcome {
         result: json!({ "terminated": ended.iter().filter(|e| e["terminated"] == true).count(), "connections": ended }),
+        ..Outcome::default()
+    })
+}
+
+/// `pg_analyze`: the tables whose statistics are stale, each analyzed in its own transaction.
+pub async fn pg_analyze(
+    s: &Services,
+    a: &super::PgAnalyze,
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    let h = s.pg(a.target.as_deref())?;
+    let mut client = h.client().await.map_err(|f| f.message)?;
+    let report = crate::advisor::analyze_stale(
+        &mut client,
+        a.stale_ratio.unwrap_or(0.1),
+        usize::try_from(a.max_tables.unwrap_or(20)).unwrap_or(20),
+        timeout,
+    )
+    .await
+    .map_err(|e| h.url().scrub(&e.to_string()))?;
+    Ok(Outcome {
+        result: serde_json::to_value(&report).unwrap_or(Value::Null),
         ..Outcome::default()
     })
 }

@@ -343,6 +343,21 @@ impl Gate {
         n
     }
 
+    /// Until when `key` is held (a period that is not an instance's cooldown, e.g. "one index
+    /// per day on this target"), if it still is at `now_ms`.
+    pub fn held(&self, key: &str, now_ms: i64) -> Option<i64> {
+        self.state
+            .cooldowns
+            .get(key)
+            .copied()
+            .filter(|until| *until > now_ms)
+    }
+
+    /// Holds `key` until `until_ms` (persisted with the cooldowns).
+    pub fn hold(&mut self, key: &str, until_ms: i64) {
+        self.state.cooldowns.insert(key.to_owned(), until_ms);
+    }
+
     /// Rules with an open breaker.
     pub fn open_breakers(&self) -> Vec<(String, String, i64)> {
         self.state

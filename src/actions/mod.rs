@@ -10,6 +10,7 @@
 pub mod exec;
 pub mod gate;
 pub mod knobs;
+pub mod playbook;
 pub mod runner;
 pub mod simulate;
 
@@ -86,6 +87,8 @@ pub struct ActionRequest {
     pub rule_version: String,
     /// When, in milliseconds since the Unix epoch.
     pub at_ms: i64,
+    /// Who asks: `engine` for rules, the caller's name for the admin API.
+    pub actor: String,
 }
 
 impl ActionRequest {
@@ -150,6 +153,9 @@ pub trait Verifier: Send + Sync {
     /// Whether `expr` returns a sample whose labels include every label of `labels` that the
     /// result carries (an aggregated condition matches any instance).
     fn holds(&self, expr: &str, labels: &Labels) -> Result<bool, String>;
+
+    /// The value of `expr` now: a scalar, or the first sample of a vector (`None` when empty).
+    fn value(&self, expr: &str) -> Result<Option<f64>, String>;
 }
 
 /// One action of a rule, written as a one-entry mapping: `- webhook: { url: ... }`.
@@ -384,6 +390,12 @@ pub struct IndexAdvice {
     pub create: bool,
     /// Advice only when the plan cost falls by at least this share (default 0.5).
     pub min_saving: Option<f64>,
+    /// With `create`: at most one index per this long on the target (default 24h).
+    pub create_every: Option<HumanDuration>,
+    /// Partitioned tables that may be indexed (without `CONCURRENTLY`: the build blocks
+    /// writes to every partition), as `table` or `schema.table`.
+    #[serde(default)]
+    pub partitioned_tables: Vec<String>,
     /// The PostgreSQL target.
     pub target: Option<String>,
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::exec::{self, Outcome, Services};
 use super::gate::{Ask, Gate, GateConfig, Limit, Persisted, Verdict};
 use super::knobs::{self, KnobConfig, Knobs};
+use super::playbook::Playbooks;
 use super::{ActionRequest, ActionSpec, AlertmanagerAction, Event, KnobAction, Mode, Verifier};
 use crate::audit::{Audit, Record, rfc3339};
 use crate::settings::config::{ActionsConfig, GlobalMode, KnobDecl};
@@ -114,6 +115,32 @@ impl Metrics {
     }
 }
 
+/// What became of one action of a request (the playbook API answers with these).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StepOutcome {
+    /// The action kind (empty for a record about the whole request, e.g. a breaker opening).
+    pub action: String,
+    /// What it acted on.
+    pub target: String,
+    /// The decision.
+    pub decision: String,
+    /// Why it failed or was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    /// State before.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub before: Value,
+    /// State after.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub after: Value,
+    /// What it reported.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub result: Value,
+}
+
 /// One gate for acting and one for rehearsing: a dry-run rule's cooldowns, tokens and
 /// breaker are its own, so rehearsals never use up what real actions need.
 struct Gates {
@@ -140,6 +167,33 @@ struct Inner {
     alerts: Mutex<HashMap<String, Vec<ActiveAlert>>>,
     /// False while the audit log cannot be written: actions are refused.
     audit_ok: AtomicBool,
+    playbooks: Playbooks,
+    /// One index advisor per PostgreSQL target (it keeps the window of statement totals).
+    advisors: tokio::sync::Mutex<HashMap<String, crate::advisor::Advisor>>,
+}
+
+/// The answer to a playbook run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlaybookRun {
+    /// The playbook asked for.
+    pub playbook: String,
+    /// Each playbook run (includes first) with its steps.
+    pub parts: Vec<PlaybookPart>,
+    /// How long it all took.
+    pub duration_ms: f64,
+}
+
+/// One playbook of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlaybookPart {
+    /// Its name.
+    pub playbook: String,
+    /// The value its steps saw, when it has one.
+    pub value: Option<f64>,
+    /// Each step's outcome, in order.
+    pub steps: Vec<StepOutcome>,
+    /// How long it took.
+    pub duration_ms: f64,
 }
 
 /// The actions stage. Cheap to clone.
@@ -207,6 +261,27 @@ impl Actions {
         data_dir: Option<&std::path::Path>,
         verifier: Option<Arc<dyn Verifier>>,
         registry: &crate::registry::Registry,
+    ) -> Result<Actions, prometheus::Error> {
+        Self::with_playbooks(
+            config,
+            knob_decls,
+            services,
+            data_dir,
+            verifier,
+            registry,
+            Playbooks::default(),
+        )
+    }
+
+    /// `new`, with playbooks the admin API can run.
+    pub fn with_playbooks(
+        config: ActionsConfig,
+        knob_decls: &[KnobDecl],
+        services: Services,
+        data_dir: Option<&std::path::Path>,
+        verifier: Option<Arc<dyn Verifier>>,
+        registry: &crate::registry::Registry,
+        playbooks: Playbooks,
     ) -> Result<Actions, prometheus::Error> {
         let metrics = Metrics::new()?;
         for c in metrics.collectors() {
@@ -284,6 +359,8 @@ impl Actions {
                 metrics,
                 alerts: Mutex::new(HashMap::new()),
                 audit_ok: AtomicBool::new(audit_ok),
+                playbooks,
+                advisors: tokio::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -319,11 +396,29 @@ impl Actions {
 
     /// Handles one request to the end (its actions run one after the other, in the order the
     /// rule lists them: "free memory, then clean the cache").
-    pub async fn handle(&self, req: ActionRequest) {
+    pub async fn handle(&self, req: ActionRequest) -> Vec<StepOutcome> {
         match req.event {
-            Event::Resolved => self.resolved(&req).await,
+            Event::Resolved => {
+                self.resolved(&req).await;
+                Vec::new()
+            }
             Event::Firing | Event::Repeat => self.act(&req).await,
         }
+    }
+
+    /// Records one decision: in the audit log, and in the outcomes returned to the caller.
+    async fn step(&self, outcomes: &mut Vec<StepOutcome>, record: Record) {
+        outcomes.push(StepOutcome {
+            action: record.action.clone().unwrap_or_default(),
+            target: record.target.clone().unwrap_or_default(),
+            decision: record.decision.clone(),
+            error: record.error.clone(),
+            duration_ms: record.duration_ms,
+            before: record.before.clone(),
+            after: record.after.clone(),
+            result: record.result.clone(),
+        });
+        self.write(record).await;
     }
 
     fn mode(&self, req: &ActionRequest) -> Mode {
@@ -392,7 +487,7 @@ impl Actions {
             time: rfc3339(now),
             ts_ms: now,
             phase: "decision".into(),
-            actor: "engine".into(),
+            actor: req.actor.clone(),
             rule: Some(req.rule.clone()),
             rule_version: Some(req.rule_version.clone()),
             labels: labels_of(req),
@@ -423,7 +518,8 @@ impl Actions {
             .inc();
     }
 
-    async fn act(&self, req: &ActionRequest) {
+    async fn act(&self, req: &ActionRequest) -> Vec<StepOutcome> {
+        let mut outcomes = Vec::new();
         let mode = self.mode(req);
         let instance = req.instance();
         self.inner
@@ -456,7 +552,7 @@ impl Actions {
                         record.result = json!({ "status": p.status });
                         self.knob_status(&k.name, p.status);
                         self.count(&req.rule, kind, "unchanged");
-                        self.write(record).await;
+                        self.step(&mut outcomes, record).await;
                         continue;
                     }
                     Ok(p) => knob_plan = Some(p),
@@ -464,7 +560,7 @@ impl Actions {
                         record.decision = decision.into();
                         record.error = Some(why);
                         self.count(&req.rule, kind, decision);
-                        self.write(record).await;
+                        self.step(&mut outcomes, record).await;
                         continue;
                     }
                 }
@@ -513,6 +609,15 @@ impl Actions {
                     if !self.write(record.clone()).await {
                         self.gates().enforce.finish(&target);
                         self.count(&req.rule, kind, "skipped_audit");
+                        outcomes.push(StepOutcome {
+                            action: kind.to_owned(),
+                            target: target.clone(),
+                            decision: "skipped_audit".into(),
+                            error: Some(
+                                "the audit log cannot be written: the action was not run".into(),
+                            ),
+                            ..StepOutcome::default()
+                        });
                         if audit_ok {
                             tracing::error!(rule = %req.rule, action = kind, "action not run: its intent could not be audited");
                         }
@@ -569,23 +674,29 @@ impl Actions {
                         }
                     }
                     self.count(&req.rule, kind, &result.decision);
-                    self.write(result).await;
+                    self.step(&mut outcomes, result).await;
                 }
                 Verdict::WouldApply => {
                     rehearsed |= spec.counts_for_breaker();
                     record.decision = "would_apply".into();
                     self.count(&req.rule, kind, "would_apply");
-                    self.write(record).await;
+                    self.step(&mut outcomes, record).await;
                 }
                 Verdict::Skip(decision, why) => {
                     record.decision = decision.into();
                     record.error = Some(why);
                     self.count(&req.rule, kind, decision);
-                    self.write(record).await;
+                    self.step(&mut outcomes, record).await;
                 }
             }
         }
         let now = now_ms();
+        // The breaker and the cooldown guard against rules looping by themselves; an operator's
+        // explicit run (a playbook) is neither.
+        if req.actor != "engine" {
+            acted = false;
+            rehearsed = false;
+        }
         let opened = {
             let mut g = self.gates();
             let mut opened = false;
@@ -625,6 +736,7 @@ impl Actions {
                 me.verify(&req, verifier.as_ref(), &knob_moves).await;
             });
         }
+        outcomes
     }
 
     async fn execute(
@@ -645,9 +757,8 @@ impl Actions {
             }
             ActionSpec::CacheWarm(a) => exec::cache_warm(s, a).await,
             ActionSpec::PgTerminateIdle(a) => exec::pg_terminate_idle(s, a).await,
-            ActionSpec::PgAnalyze(_) | ActionSpec::IndexAdvice(_) => {
-                Err("PostgreSQL maintenance actions are wired with the index advisor".into())
-            }
+            ActionSpec::PgAnalyze(a) => exec::pg_analyze(s, a, self.inner.config.timeout).await,
+            ActionSpec::IndexAdvice(a) => self.index_advice(a).await,
             ActionSpec::RetentionDelete(a) => exec::retention_delete(s, a).await,
             ActionSpec::Knob(k) => match knob_plan {
                 Some(p) => self.apply_knob(&k.name, p, &req.rule).await,
@@ -657,6 +768,113 @@ impl Actions {
             ActionSpec::Alertmanager(a) => self.send_alert(a, req).await,
             ActionSpec::Exec(e) => exec::exec(s, e, req).await,
         }
+    }
+
+    /// `index_advice`: advise (windowed, per target), keep the advice for the API and the
+    /// metric, and, with `create`, build the best verified index, at most one per
+    /// `create_every` on the target.
+    async fn index_advice(&self, a: &super::IndexAdvice) -> Result<Outcome, String> {
+        use crate::advisor::{AdviseOptions, CreateOptions, Creation};
+        let s = &self.inner.services;
+        let h = s.pg(a.target.as_deref())?;
+        let mut client = h.client().await.map_err(|f| f.message)?;
+        let opts = AdviseOptions {
+            slow_threshold: s.slow_threshold,
+            min_saving: a.min_saving.unwrap_or(0.5),
+            ..AdviseOptions::default()
+        };
+        let report = {
+            let mut advisors = self.inner.advisors.lock().await;
+            let advisor = advisors.entry(h.name.clone()).or_default();
+            advisor
+                .advise(&mut client, &opts)
+                .await
+                .map_err(|e| h.url().scrub(&e.to_string()))?
+        };
+        drop(client);
+        let now = now_ms();
+        if let Some(store) = &s.advice {
+            store.merge(&h.name, &report, now);
+            if let Some(r) = &s.registry {
+                store.publish(r, now);
+            }
+        }
+        let mut result = serde_json::Map::new();
+        result.insert("advice".into(), json!(report.advice.len()));
+        result.insert("unexplainable".into(), json!(report.unexplainable.len()));
+        result.insert(
+            "report".into(),
+            serde_json::to_value(&report).unwrap_or(Value::Null),
+        );
+        if a.create {
+            let best = report
+                .advice
+                .iter()
+                .filter(|x| x.verified && x.saving_ratio.is_some_and(|r| r >= opts.min_saving))
+                .max_by(|x, y| {
+                    x.saving_ratio
+                        .unwrap_or(0.0)
+                        .total_cmp(&y.saving_ratio.unwrap_or(0.0))
+                });
+            let key = format!("index_create:{}", h.name);
+            let every = a
+                .create_every
+                .map_or(Duration::from_secs(24 * 3600), |d| d.0);
+            let held = self.gates().enforce.held(&key, now);
+            let creation = match (best, held) {
+                (None, _) => {
+                    json!({ "result": "skipped", "reason": "no verified advice above min_saving" })
+                }
+                (Some(_), Some(until)) => json!({
+                    "result": "skipped",
+                    "reason": format!("one index per {every:?} on this target; the next may be built after {}", rfc3339(until)),
+                }),
+                (Some(best), None) => {
+                    // A connection of its own, dropped if the action is cut short: the build
+                    // holds a session advisory lock and session settings until it ends.
+                    let mut config: tokio_postgres::Config = h
+                        .url()
+                        .expose()
+                        .parse()
+                        .map_err(|e| h.failure(&e).message)?;
+                    config.application_name(crate::targets::PG_APPLICATION_NAME);
+                    let (mut own, conn) = config
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| h.failure(&e).message)?;
+                    let task = tokio::spawn(conn);
+                    let created = crate::advisor::create_index(
+                        &mut own,
+                        &best.index,
+                        &CreateOptions {
+                            partitioned_allowed: a.partitioned_tables.clone(),
+                            ..CreateOptions::default()
+                        },
+                    )
+                    .await;
+                    drop(own);
+                    task.abort();
+                    let created = created.map_err(|e| h.url().scrub(&e.to_string()))?;
+                    if let Creation::Created { index, .. } = &created {
+                        let until = now + i64::try_from(every.as_millis()).unwrap_or(i64::MAX / 4);
+                        self.gates().enforce.hold(&key, until);
+                        self.persist_gates();
+                        if let Some(store) = &s.advice {
+                            store.mark_created(&h.name, &best.id, index, now_ms());
+                            if let Some(r) = &s.registry {
+                                store.publish(r, now_ms());
+                            }
+                        }
+                    }
+                    serde_json::to_value(&created).unwrap_or(Value::Null)
+                }
+            };
+            result.insert("create".into(), creation);
+        }
+        Ok(Outcome {
+            result: Value::Object(result),
+            ..Outcome::default()
+        })
     }
 
     fn knob_status(&self, name: &str, status: &str) {
@@ -964,6 +1182,126 @@ impl Actions {
             .with_label_values(&[&req.rule, outcome])
             .inc();
         self.write(r).await;
+    }
+
+    /// The playbooks.
+    pub fn playbooks(&self) -> &Playbooks {
+        &self.inner.playbooks
+    }
+
+    /// Runs a playbook now, includes first, each step through the gate and the audit log.
+    pub async fn run_playbook(&self, name: &str, actor: &str) -> Result<PlaybookRun, String> {
+        let parts = self.inner.playbooks.expand(name)?;
+        let started = Instant::now();
+        let mut out = Vec::new();
+        for (pname, spec) in parts {
+            let part_started = Instant::now();
+            let value = match (&spec.value, &self.inner.verifier) {
+                (Some(expr), Some(v)) => v.value(expr)?,
+                _ => None,
+            };
+            let now = now_ms();
+            let req = ActionRequest {
+                rule: format!("playbook:{pname}"),
+                labels: crate::sample::Labels::empty(),
+                value: value.unwrap_or(f64::NAN),
+                event: Event::Firing,
+                // Each run is its own episode: running a playbook twice runs it twice.
+                episode_ms: now,
+                mode: Some(spec.mode.unwrap_or(Mode::Enforce)),
+                cooldown: Duration::ZERO,
+                allow_destructive: spec.allow_destructive,
+                actions: spec.steps.clone(),
+                verify: None,
+                annotations: BTreeMap::new(),
+                rule_version: format!("{:?}", spec.steps).len().to_string(),
+                at_ms: now,
+                actor: actor.to_owned(),
+            };
+            let steps = self.act(&req).await;
+            out.push(PlaybookPart {
+                playbook: pname,
+                value,
+                steps,
+                duration_ms: part_started.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        Ok(PlaybookRun {
+            playbook: name.to_owned(),
+            parts: out,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Sets a knob through the API: within its bounds, mirrored, audited with its actor.
+    pub async fn set_knob(
+        &self,
+        name: &str,
+        value: f64,
+        actor: &str,
+    ) -> Result<knobs::KnobView, String> {
+        let knobs = &self.inner.knobs;
+        let (Some(cfg), Some(st)) = (knobs.config(name), knobs.state(name)) else {
+            return Err(format!("no knob named {name:?}"));
+        };
+        if !value.is_finite() || value < cfg.min || value > cfg.max {
+            return Err(format!(
+                "{value} is outside the bounds of {name:?} ([{}, {}])",
+                cfg.min, cfg.max
+            ));
+        }
+        let action = KnobAction {
+            name: name.to_owned(),
+            set: Some(value),
+            scale: None,
+            step: None,
+            controller: None,
+        };
+        let plan = knobs::plan(cfg, &st, &action, f64::NAN, now_ms());
+        let started = Instant::now();
+        let outcome = self.apply_knob(name, &plan, &format!("api:{actor}")).await;
+        // An operator's value is ours now: a paused controller resumes from it.
+        knobs.update(name, |s| s.paused = None);
+        self.inner
+            .metrics
+            .knob_paused
+            .with_label_values(&[name])
+            .set(0.0);
+        let now = now_ms();
+        let mut r = Record {
+            time: rfc3339(now),
+            ts_ms: now,
+            phase: "api".into(),
+            actor: actor.into(),
+            action: Some("knob".into()),
+            target: Some(format!("knob/{name}")),
+            params: json!({ "set": value }),
+            before: json!(plan.before),
+            after: json!(plan.after),
+            duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            ..Record::default()
+        };
+        match &outcome {
+            Ok(o) => {
+                r.decision = "applied".into();
+                r.result = o.result.clone();
+            }
+            Err(e) => {
+                r.decision = "failed".into();
+                r.error = Some(e.clone());
+            }
+        }
+        self.write(r).await;
+        outcome?;
+        self.knobs()
+            .into_iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| format!("no knob named {name:?}"))
+    }
+
+    /// Writes an audit record made elsewhere (the admin API's mutations).
+    pub async fn record(&self, record: Record) -> bool {
+        self.write(record).await
     }
 
     /// The knobs.

@@ -7,11 +7,23 @@
 //! - `/-/ready`: 200 once every collector has run once, 503 before.
 //! - `/-/reload` (`POST`, `PUT`): reload the rules now; 200 with the count, or 500 with every
 //!   error (the running rules are kept).
+//!   error (the running rules are kept). Needs the operate role once tokens are configured.
 //! - `/api/v1/rules`: every rule's health, last error, pending and firing instances, and the
 //!   last reload's outcome, as JSON.
+//! - `/api/v1/recommendations`: the index advice of every PostgreSQL target, merged across
+//!   runs (first and last seen, times seen, status), as JSON; 404 when no advisor runs.
+//! - the rest of the admin API (`admin`): status, rules, audit, knobs, breakers, playbooks,
+//!   the Alertmanager webhook receiver.
 //!
-//! Uses `registry` (read only) and `shutdown`. Unknown paths get a 404 with a plain-text body.
+//! Under `/api/` every answer is JSON, errors included (`{"status":"error","error":...}`):
+//! unknown paths 404, wrong methods 405, malformed bodies 400, bodies over 1 MiB 413.
+//!
+//! Uses `registry` (read only), `advisor::Recommendations` (read only), the rule engine and the
+//! actions stage (through `admin`), and `shutdown`.
 
+pub mod admin;
+pub mod auth;
+pub mod intake;
 mod landing;
 mod metrics;
 
@@ -25,6 +37,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tower_http::compression::CompressionLayer;
 
+use crate::advisor::Recommendations;
 use crate::registry::Registry;
 use crate::rules::engine::Engine;
 use crate::shutdown::Shutdown;
@@ -40,6 +53,11 @@ pub struct AppState {
     pub started: Instant,
     /// The rule engine, for `/api/v1/rules` and `/-/reload`.
     pub engine: Option<Arc<Engine>>,
+    /// The index advice, for `/api/v1/recommendations`.
+    pub recommendations: Option<Arc<Recommendations>>,
+    /// The admin API's parts (tokens, actions, the webhook receiver); without them the API
+    /// only reads.
+    pub admin: Option<Arc<admin::Admin>>,
 }
 
 /// The router for `state`.
@@ -60,8 +78,12 @@ pub fn router(state: AppState) -> Router {
         .route("/-/ready", get(ready))
         .route("/-/reload", axum::routing::post(reload).put(reload))
         .route("/api/v1/rules", get(rules))
+        .route("/api/v1/recommendations", get(recommendations))
+        .merge(admin::routes())
         .merge(metrics)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(admin::MAX_BODY))
         .with_state(state)
 }
 
@@ -86,8 +108,17 @@ async fn ready(
 /// error (the running rules are kept).
 async fn reload(
     axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    peer: admin::Peer,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    // Reloading only re-reads the files on disk: open while no token is configured (as
+    // before), the operate role's once there are tokens.
+    if state.admin.as_ref().is_some_and(|a| a.auth.configured())
+        && let Err(r) = admin::authorize(&state, &headers, admin::peer(&peer), auth::Role::Operate)
+    {
+        return r;
+    }
     let Some(engine) = state.engine else {
         return (StatusCode::NOT_FOUND, "no rule engine\n").into_response();
     };
@@ -113,8 +144,13 @@ async fn reload(
 /// The rules, their health and instances, and the last reload's outcome.
 async fn rules(
     axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    peer: admin::Peer,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if let Err(r) = admin::authorize(&state, &headers, admin::peer(&peer), auth::Role::Read) {
+        return r;
+    }
     let Some(engine) = state.engine else {
         return (StatusCode::NOT_FOUND, "no rule engine\n").into_response();
     };
@@ -125,8 +161,46 @@ async fn rules(
     .into_response()
 }
 
-async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "404 page not found\n")
+/// The index advice, merged across runs, largest saving first within each target.
+async fn recommendations(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    peer: admin::Peer,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Err(r) = admin::authorize(&state, &headers, admin::peer(&peer), auth::Role::Read) {
+        return r;
+    }
+    let Some(store) = state.recommendations else {
+        return (StatusCode::NOT_FOUND, "no index advisor\n").into_response();
+    };
+    axum::Json(serde_json::json!({
+        "status": "success",
+        "data": { "recommendations": store.list() },
+    }))
+    .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if uri.path().starts_with("/api/") {
+        admin::error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {}", uri.path()),
+        )
+    } else {
+        (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
+    }
+}
+
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    admin::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// Binds every address first, so a port in use fails the start before anything runs.
@@ -155,9 +229,13 @@ pub async fn serve(
         let mut stop = shutdown.clone();
         servers.spawn(async move {
             let addr = listener.local_addr().ok();
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.wait().await })
-                .await;
+            // The peer's address lets the admin API limit failed attempts per client.
+            let result = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.wait().await })
+            .await;
             if let Err(err) = result {
                 tracing::error!(address = ?addr, error = %err, "HTTP server failed");
             }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::compile::{self, Problem, Rule};
 use super::expr::{Evaluator, NAME, SeriesSource, Value};
-use super::file::OnAbsent;
+use super::file::{Mode, OnAbsent};
 use super::state::{self, Observed, State};
 use crate::actions::Event;
 use crate::registry::Registry;
@@ -66,6 +66,12 @@ pub struct RuleStatus {
     pub evaluation_seconds: f64,
     /// Its pending and firing instances.
     pub instances: Vec<Instance>,
+    /// The mode it acts in (before the global cap).
+    pub mode: Mode,
+    /// Whether that mode was set through the admin API rather than in its file.
+    pub mode_overridden: bool,
+    /// Its action kinds.
+    pub actions: Vec<String>,
 }
 
 /// The engine's view of the last reload.
@@ -116,6 +122,33 @@ pub struct Engine {
     /// What was last written to the state file: unchanged state is not written (and fsynced)
     /// again every tick.
     last_persisted: Mutex<Vec<u8>>,
+    /// Modes set through the admin API, by rule, overriding the files' (persisted in
+    /// `modes.json`; the files stay the source of truth for everything else).
+    modes: Mutex<BTreeMap<String, Mode>>,
+    modes_file: Option<PathBuf>,
+}
+
+/// Samples as the API shows them: labels and value.
+pub type Samples = Vec<(BTreeMap<String, String>, f64)>;
+
+/// One part of a condition and what it returns now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Part {
+    /// The part, as PromQL.
+    pub expr: String,
+    /// Its samples now (labels and value), or the error.
+    pub result: Result<Samples, String>,
+}
+
+/// Why a rule is (or is not) firing: each condition and its operands, evaluated now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// When it was evaluated (ms).
+    pub at_ms: i64,
+    /// The whole condition, then its operands.
+    pub expr: Vec<Part>,
+    /// The exit condition, then its operands.
+    pub clear: Vec<Part>,
 }
 
 struct Metrics {
@@ -216,6 +249,13 @@ impl Engine {
             metrics,
             last_persisted: Mutex::new(Vec::new()),
             names_checked: std::sync::atomic::AtomicBool::new(false),
+            modes: Mutex::new(
+                data_dir
+                    .and_then(|d| std::fs::read(d.join("modes.json")).ok())
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default(),
+            ),
+            modes_file: data_dir.map(|d| d.join("modes.json")),
         });
         let _ = engine.reload();
         engine.restore();
@@ -335,6 +375,71 @@ impl Engine {
         errors
     }
 
+    fn modes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Mode>> {
+        self.modes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets (or, with `None`, clears) a rule's mode override. `Err` when there is no such rule.
+    pub fn set_mode(&self, rule: &str, mode: Option<Mode>) -> Result<(), String> {
+        if !self.lock().rules.iter().any(|r| r.name == rule) {
+            return Err(format!("no rule named {rule:?}"));
+        }
+        let bytes = {
+            let mut modes = self.modes();
+            match mode {
+                Some(m) => modes.insert(rule.to_owned(), m),
+                None => modes.remove(rule),
+            };
+            serde_json::to_vec(&*modes).unwrap_or_default()
+        };
+        if let Some(path) = &self.modes_file
+            && let Err(err) = write_atomically(path, &bytes)
+        {
+            tracing::warn!(error = %err, path = %path.display(), "persisting mode overrides failed");
+        }
+        Ok(())
+    }
+
+    /// Evaluates a rule's conditions and their operands now: "why is it (not) firing?".
+    pub fn explain(&self, rule: &str) -> Option<Explanation> {
+        let (expr, clear) = {
+            let inner = self.lock();
+            let r = inner.rules.iter().find(|r| r.name == rule)?;
+            (r.expr.clone(), r.clear.clone())
+        };
+        let now = crate::collect::now_ms();
+        let ev = Evaluator::new(self.registry.as_ref(), now);
+        let eval = |q: &super::expr::Query| Part {
+            expr: q.text.clone(),
+            result: ev.eval(q).map(|v| match v {
+                Value::Scalar(x) => vec![(BTreeMap::new(), x)],
+                Value::Vector(v) => v
+                    .into_iter()
+                    .map(|s| {
+                        (
+                            s.labels
+                                .iter()
+                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                                .collect(),
+                            s.value,
+                        )
+                    })
+                    .collect(),
+                Value::Matrix(_) => Vec::new(),
+            }),
+        };
+        let all = |q: &super::expr::Query| -> Vec<Part> {
+            std::iter::once(eval(q))
+                .chain(q.parts().iter().map(eval))
+                .collect()
+        };
+        Some(Explanation {
+            at_ms: now,
+            expr: all(&expr),
+            clear: clear.as_ref().map(all).unwrap_or_default(),
+        })
+    }
+
     /// The last reload's outcome.
     pub fn reload_status(&self) -> ReloadStatus {
         self.lock().reload.clone()
@@ -342,6 +447,7 @@ impl Engine {
 
     /// Every rule's status.
     pub fn status(&self) -> Vec<RuleStatus> {
+        let modes = self.modes().clone();
         let inner = self.lock();
         inner
             .rules
@@ -372,6 +478,13 @@ impl Engine {
                     last_evaluation_ms: rt.and_then(|rt| rt.last_evaluation_ms),
                     evaluation_seconds: rt.map_or(0.0, |rt| rt.evaluation_seconds),
                     instances,
+                    mode: modes
+                        .get(&r.name)
+                        .copied()
+                        .or(r.mode)
+                        .unwrap_or(Mode::DryRun),
+                    mode_overridden: modes.contains_key(&r.name),
+                    actions: r.actions.iter().map(|a| a.kind().to_owned()).collect(),
                 }
             })
             .collect()
@@ -480,7 +593,11 @@ impl Engine {
             None
         };
         drop(inner);
-        for r in requests {
+        let modes = self.modes().clone();
+        for mut r in requests {
+            if let Some(m) = modes.get(&r.rule) {
+                r.mode = Some(*m);
+            }
             if r.event != Event::Resolved {
                 self.metrics.requests.with_label_values(&[&r.rule]).inc();
             }
@@ -657,6 +774,7 @@ fn advance(
             annotations: rule.annotations.clone(),
             rule_version: fingerprint_hash(rule),
             at_ms: now_ms,
+            actor: "engine".to_owned(),
         };
         if step.request {
             let (event, episode_ms) = match (prev, step.state) {

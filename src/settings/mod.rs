@@ -136,7 +136,7 @@ pub struct RunFlags {
     )]
     pub rules_dir: PathBuf,
 
-    /// Directory for state that survives restarts (rule state; later the audit log and knobs).
+    /// Directory for state that survives restarts (rule state, the gate, knobs, the audit log).
     #[arg(
         long = "data.dir",
         env = "AUTOTUNER_DATA_DIR",
@@ -144,6 +144,24 @@ pub struct RunFlags {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
+
+    /// YAML file of playbooks (named lists of actions the admin API runs on demand). Without
+    /// the flag, `./playbooks.yml` is read when it exists.
+    #[arg(
+        long = "playbooks.file",
+        env = "AUTOTUNER_PLAYBOOKS_FILE",
+        value_name = "FILE"
+    )]
+    pub playbooks_file: Option<PathBuf>,
+
+    /// YAML file of the admin API's bearer tokens (re-read when it changes). Tokens can also
+    /// come from `AUTOTUNER_READ_TOKEN` and `AUTOTUNER_OPERATE_TOKEN`.
+    #[arg(
+        long = "web.tokens-file",
+        env = "AUTOTUNER_WEB_TOKENS_FILE",
+        value_name = "FILE"
+    )]
+    pub tokens_file: Option<PathBuf>,
 
     /// Only log messages with the given severity or above. `RUST_LOG`, when set, overrides it
     /// with a full tracing filter.
@@ -212,6 +230,10 @@ pub struct Settings {
     pub rules_dir: PathBuf,
     /// The data directory.
     pub data_dir: PathBuf,
+    /// The playbooks file, and whether it was named (a named file must exist).
+    pub playbooks_file: (PathBuf, bool),
+    /// The admin API's tokens file.
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -251,6 +273,11 @@ impl Settings {
             config,
             rules_dir: flags.rules_dir.clone(),
             data_dir: flags.data_dir.clone(),
+            playbooks_file: match &flags.playbooks_file {
+                Some(f) => (f.clone(), true),
+                None => (PathBuf::from("./playbooks.yml"), false),
+            },
+            tokens_file: flags.tokens_file.clone(),
         })
     }
 }

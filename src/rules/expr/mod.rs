@@ -92,6 +92,26 @@ impl Query {
         })
     }
 
+    /// The operands of a binary expression (`a > b`, `a and on (x) b`), outermost
+    /// parentheses removed, each as a query of its own: what `/api/v1/rules/{name}` shows to
+    /// answer "why is it (not) firing?". Empty for anything else.
+    pub fn parts(&self) -> Vec<Query> {
+        let mut e = &self.expr;
+        while let Expr::Paren(p) = e {
+            e = &p.expr;
+        }
+        match e {
+            Expr::Binary(b) => [&b.lhs, &b.rhs]
+                .into_iter()
+                .map(|x| Query {
+                    expr: (**x).clone(),
+                    text: x.to_string(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The longest range or offset reach back in time, for sizing the history it needs.
     pub fn lookback_needed(&self) -> Duration {
         reach(&self.expr)
