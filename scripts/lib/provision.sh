@@ -8,6 +8,7 @@
 TEST_PACKAGES=(
   "promtool:prometheus"
   "prometheus-alertmanager:prometheus-alertmanager"
+  "chromium:chromium"
   "curl:curl"
   "openssl:openssl"
   "redis-server:redis-server"

@@ -270,7 +270,8 @@ impl Auth {
 
     fn refuse(&self, from: Option<IpAddr>, reason: &str, status: u16, message: String) -> Refusal {
         self.failed.with_label_values(&[reason]).inc();
-        if status == 401 {
+        // Only guesses count towards the limit: a request without a token guessed nothing.
+        if matches!(reason, "invalid" | "expired") {
             let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
             // Forget addresses whose minute is over, so the map stays small.
             f.retain(|_, v| v.since.elapsed() < Duration::from_secs(60));

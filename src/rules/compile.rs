@@ -299,6 +299,17 @@ impl Compiler<'_> {
                 ),
             );
         }
+        // A received alert's series disappears when Alertmanager resolves it; with the default
+        // `hold`, a rule on it would stay firing forever.
+        if let Some(e) = &expr
+            && e.metric_names().iter().any(|n| n == "autotuner_alert")
+            && spec.on_absent.is_none_or(|o| o != OnAbsent::Clear)
+        {
+            self.warning(
+                &at("expr"),
+                "a rule on received alerts (autotuner_alert) needs `on_absent: clear`: the series disappears when the alert resolves",
+            );
+        }
         for (i, action) in spec.actions.iter().enumerate() {
             let mut apath = at("actions");
             apath.push(i.into());

@@ -128,16 +128,26 @@ pub struct Engine {
     modes_file: Option<PathBuf>,
 }
 
-/// Samples as the API shows them: labels and value.
-pub type Samples = Vec<(BTreeMap<String, String>, f64)>;
+/// A sample as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartSample {
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
 
 /// One part of a condition and what it returns now.
 #[derive(Debug, Clone, Serialize)]
 pub struct Part {
     /// The part, as PromQL.
     pub expr: String,
-    /// Its samples now (labels and value), or the error.
-    pub result: Result<Samples, String>,
+    /// Its samples now (a scalar is one sample without labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Vec<PartSample>>,
+    /// Why it could not be evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Why a rule is (or is not) firing: each condition and its operands, evaluated now.
@@ -409,24 +419,37 @@ impl Engine {
         };
         let now = crate::collect::now_ms();
         let ev = Evaluator::new(self.registry.as_ref(), now);
-        let eval = |q: &super::expr::Query| Part {
-            expr: q.text.clone(),
-            result: ev.eval(q).map(|v| match v {
-                Value::Scalar(x) => vec![(BTreeMap::new(), x)],
+        let eval = |q: &super::expr::Query| {
+            let result = ev.eval(q).map(|v| match v {
+                Value::Scalar(x) => vec![PartSample {
+                    labels: BTreeMap::new(),
+                    value: x,
+                }],
                 Value::Vector(v) => v
                     .into_iter()
-                    .map(|s| {
-                        (
-                            s.labels
-                                .iter()
-                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                                .collect(),
-                            s.value,
-                        )
+                    .map(|s| PartSample {
+                        labels: s
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        value: s.value,
                     })
                     .collect(),
                 Value::Matrix(_) => Vec::new(),
-            }),
+            });
+            match result {
+                Ok(samples) => Part {
+                    expr: q.text.clone(),
+                    samples: Some(samples),
+                    error: None,
+                },
+                Err(e) => Part {
+                    expr: q.text.clone(),
+                    samples: None,
+                    error: Some(e),
+                },
+            }
         };
         let all = |q: &super::expr::Query| -> Vec<Part> {
             std::iter::once(eval(q))
