@@ -972,3 +972,104 @@ async fn alertmanager_shows_the_alert_while_firing_and_resolves_it() {
         "{recs:?}"
     );
 }
+
+#[tokio::test]
+async fn a_knob_is_mirrored_and_its_controller_pauses_when_someone_else_changes_the_mirror() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let (hook, _hits, bodies) = http_server(vec![200], Duration::ZERO).await;
+    let data = tempfile::tempdir().unwrap();
+    let registry = Registry::new(Duration::from_secs(600)).unwrap();
+    let knobs = [KnobDecl {
+        name: "batch_size".into(),
+        initial: 1000.0,
+        min: 100.0,
+        max: 5000.0,
+        integer: true,
+        redis_key: Some("app:batch_size".into()),
+        redis_target: None,
+        webhook: Some(hook),
+    }];
+    let actions = Actions::new(
+        config(),
+        &knobs,
+        services(None, Some(&server.url())),
+        Some(data.path()),
+        None,
+        &registry,
+    )
+    .unwrap();
+    let mut c = redis_conn(&server.url()).await;
+    let step = |episode: i64| {
+        let mut r = request(
+            "Grow",
+            Mode::Enforce,
+            vec![spec("knob: {name: batch_size, step: 100}")],
+        );
+        r.episode_ms = episode;
+        r
+    };
+    actions.handle(step(1)).await;
+    let mirrored: String = redis::cmd("GET")
+        .arg("app:batch_size")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(mirrored, "1100");
+    let pushed = bodies.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        pushed,
+        serde_json::json!({"knob": "batch_size", "value": 1100.0, "previous": 1000.0, "rule": "Grow"})
+    );
+
+    // Someone sets the key by hand: the next move is refused and the knob says it is paused.
+    let _: () = redis::cmd("SET")
+        .arg("app:batch_size")
+        .arg("250")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let out = actions.handle(step(2)).await;
+    assert_eq!(out[0].decision, "skipped_manual_override", "{out:?}");
+    assert!(
+        out[0].error.as_deref().unwrap().contains("someone else"),
+        "{out:?}"
+    );
+    let text = registry.render();
+    assert!(
+        text.contains("autotuner_knob_paused{knob=\"batch_size\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("autotuner_knob_value{knob=\"batch_size\"} 1100"),
+        "{text}"
+    );
+    let still: String = redis::cmd("GET")
+        .arg("app:batch_size")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(still, "250", "the operator's value is left alone");
+
+    // The key back at our value: the controller resumes.
+    let _: () = redis::cmd("SET")
+        .arg("app:batch_size")
+        .arg("1100")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let out = actions.handle(step(3)).await;
+    assert_eq!(out[0].decision, "applied", "{out:?}");
+    assert!(
+        registry
+            .render()
+            .contains("autotuner_knob_paused{knob=\"batch_size\"} 0")
+    );
+    let mirrored: String = redis::cmd("GET")
+        .arg("app:batch_size")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(mirrored, "1200");
+}
