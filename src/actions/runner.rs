@@ -503,9 +503,7 @@ impl Actions {
             mode: Some(mode.as_str().into()),
             action: spec.map(|s| s.kind().to_owned()),
             target: target.map(str::to_owned),
-            params: spec
-                .and_then(|s| serde_json::to_value(s).ok())
-                .unwrap_or(Value::Null),
+            params: spec.map_or(Value::Null, redacted_params),
             ..Record::default()
         }
     }
@@ -1116,7 +1114,9 @@ impl Actions {
                 2,
             )
             .await;
-            let mut r = self.base(req, self.mode(req), None, Some(&a.url));
+            let shown = crate::settings::secret::SecretUrl::parse(&a.url)
+                .map_or_else(|_| String::new(), |u| u.redacted().to_owned());
+            let mut r = self.base(req, self.mode(req), None, Some(&shown));
             r.phase = "resolved".into();
             r.action = Some("alertmanager".into());
             match out {
@@ -1344,5 +1344,40 @@ impl Actions {
     /// The audit log.
     pub fn audit(&self) -> &Audit {
         &self.inner.audit
+    }
+}
+
+/// An action's parameters for the audit log, with URLs redacted: a webhook's URL may carry a
+/// password or a token, which must not reach the log or the API that serves it.
+fn redacted_params(spec: &ActionSpec) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    if let Some(inner) = v.as_object_mut().and_then(|o| o.values_mut().next())
+        && let Some(url) = inner.get_mut("url")
+        && let Some(text) = url.as_str()
+    {
+        *url = json!(crate::settings::secret::SecretUrl::parse(text).map_or_else(
+            |_| "(unparsable URL)".to_owned(),
+            |u| u.redacted().to_owned()
+        ));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_action_urls_never_reach_the_audit_log() {
+        let spec: ActionSpec = serde_yaml::from_str(
+            "webhook: {url: 'https://bot:hunter2@hooks.example/x?token=abc123'}",
+        )
+        .unwrap();
+        let text = redacted_params(&spec).to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("abc123"),
+            "{text}"
+        );
+        assert!(text.contains("hooks.example"), "{text}");
     }
 }
