@@ -17,8 +17,56 @@ pub enum MetricKind {
 
 /// A label set, sorted by label name so equal sets compare and hash equal whatever order a
 /// collector wrote them in. The metric name is not a label here: it lives on the family.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Arc<[(String, String)]>);
+///
+/// Cheap to clone (shared), and its hash is computed once when it is built: the rule engine
+/// hashes and compares label sets in every grouping and match of every evaluation, and hashing
+/// all the strings each time was the largest single cost of a tick.
+#[derive(Clone)]
+pub struct Labels(Arc<Inner>);
+
+struct Inner {
+    hash: u64,
+    pairs: Box<[(String, String)]>,
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        Labels::from_sorted(Vec::new())
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.hash == other.0.hash && self.0.pairs == other.0.pairs)
+    }
+}
+
+impl Eq for Labels {}
+
+impl std::hash::Hash for Labels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.hash);
+    }
+}
+
+impl PartialOrd for Labels {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Labels {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.pairs.cmp(&other.0.pairs)
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.pairs.iter()).finish()
+    }
+}
 
 impl Labels {
     /// Builds a label set from pairs in any order. A later pair with the same name replaces an
@@ -37,7 +85,20 @@ impl Labels {
                 _ => out.push(pair),
             }
         }
-        Labels(out.into())
+        Labels::from_sorted(out)
+    }
+
+    fn from_sorted(pairs: Vec<(String, String)>) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        // A fixed-key hasher: the same set hashes the same in every process (the value only
+        // feeds in-memory maps, so a fixed key is no denial-of-service concern beyond what
+        // the label values, which we collect ourselves, allow).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pairs.hash(&mut h);
+        Labels(Arc::new(Inner {
+            hash: h.finish(),
+            pairs: pairs.into_boxed_slice(),
+        }))
     }
 
     /// The empty label set.
@@ -47,25 +108,26 @@ impl Labels {
 
     /// The value of label `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        let pairs = &self.0.pairs;
+        pairs
             .binary_search_by(|(k, _)| k.as_str().cmp(name))
             .ok()
-            .map(|i| self.0[i].1.as_str())
+            .map(|i| pairs[i].1.as_str())
     }
 
     /// The pairs, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.0.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// Number of labels.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.pairs.len()
     }
 
     /// True when there are no labels.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.pairs.is_empty()
     }
 }
 

@@ -59,15 +59,19 @@ impl SeriesSource for crate::registry::Registry {
             .iter()
             .find(|m| m.name == NAME && matches!(m.op, MatchOp::Equal))
             .map(|m| m.value.as_str());
+        // Sorted once per selection, not once per series: the name's matchers (the equality
+        // one is already answered by the lookup) and the labels' own.
+        let (on_name, on_labels): (Vec<&promql_parser::label::Matcher>, Vec<_>) =
+            matchers.iter().partition(|m| m.name == NAME);
+        let on_name: Vec<_> = on_name
+            .into_iter()
+            .filter(|m| !(name.is_some() && matches!(m.op, MatchOp::Equal)))
+            .collect();
         let keep = |n: &str, labels: &Labels| {
-            matchers.iter().all(|m| {
-                let value = if m.name == NAME {
-                    n
-                } else {
-                    labels.get(&m.name).unwrap_or("")
-                };
-                m.is_match(value)
-            })
+            on_name.iter().all(|m| m.is_match(n))
+                && on_labels
+                    .iter()
+                    .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
         };
         crate::registry::Registry::select(self, name, keep, start_ms, end_ms)
     }
