@@ -121,6 +121,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let registry = Arc::new(
         Registry::new(settings.config.history_retention).context("building the registry")?,
     );
+    // Read before binding: a broken web configuration stops the start, never serves unprotected.
+    let web = match &settings.web_config_file {
+        Some(path) => Some(Arc::new(
+            http::webconfig::WebConfig::load(path)
+                .map_err(|e| anyhow::anyhow!("--web.config.file: {e}"))?,
+        )),
+        None => None,
+    };
+    if let Some(w) = &web {
+        for m in w.metrics() {
+            registry
+                .register(Box::new(m))
+                .context("registering the web configuration's metrics")?;
+        }
+    }
     let listeners = http::bind(&settings.listen).await?;
     let (trigger, shutdown) = shutdown::channel();
 
@@ -242,9 +257,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         recommendations: Some(recommendations),
         admin: Some(Arc::new(admin)),
     });
+    let router = match &web {
+        Some(w) => router.layer(axum::middleware::from_fn_with_state(
+            w.clone(),
+            http::webconfig::middleware,
+        )),
+        None => router,
+    };
+    let tls = web.as_ref().is_some_and(|w| w.tls());
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(address = %addr, telemetry_path = %settings.telemetry_path, "listening");
+            tracing::info!(address = %addr, telemetry_path = %settings.telemetry_path, tls, "listening");
         }
     }
     let server = tokio::spawn(http::serve(
@@ -252,6 +275,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         router,
         shutdown.clone(),
         SHUTDOWN_GRACE,
+        web,
     ));
 
     let reason = signals.next_stop().await;

@@ -89,6 +89,35 @@ struct Failures {
     count: u32,
 }
 
+/// Failed attempts per address: past ten in a minute, that address waits the minute out. Shared
+/// by the bearer tokens here and basic auth (`webconfig`).
+#[derive(Debug, Default)]
+pub struct Limiter {
+    failures: Mutex<HashMap<Option<IpAddr>, Failures>>,
+}
+
+impl Limiter {
+    /// Whether `from` has used up its attempts for this minute.
+    pub fn limited(&self, from: Option<IpAddr>) -> bool {
+        let f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get(&from).is_some_and(|v| {
+            v.since.elapsed() < Duration::from_secs(60) && v.count >= MAX_FAILURES_PER_MINUTE
+        })
+    }
+
+    /// Counts one failed attempt from `from`.
+    pub fn fail(&self, from: Option<IpAddr>) {
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forget addresses whose minute is over, so the map stays small.
+        f.retain(|_, v| v.since.elapsed() < Duration::from_secs(60));
+        let e = f.entry(from).or_insert(Failures {
+            since: Instant::now(),
+            count: 0,
+        });
+        e.count += 1;
+    }
+}
+
 /// Failed attempts tolerated per address per minute before answering 429.
 const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
@@ -98,7 +127,7 @@ pub struct Auth {
     env: Vec<Entry>,
     file: Option<PathBuf>,
     state: Mutex<FileState>,
-    failures: Mutex<HashMap<Option<IpAddr>, Failures>>,
+    failures: Limiter,
     failed: prometheus::IntCounterVec,
 }
 
@@ -199,7 +228,7 @@ impl Auth {
             env,
             file: file.map(Path::to_path_buf),
             state: Mutex::new(FileState::default()),
-            failures: Mutex::new(HashMap::new()),
+            failures: Limiter::default(),
             failed,
         };
         if let Some(path) = &auth.file {
@@ -272,14 +301,7 @@ impl Auth {
         self.failed.with_label_values(&[reason]).inc();
         // Only guesses count towards the limit: a request without a token guessed nothing.
         if matches!(reason, "invalid" | "expired") {
-            let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            // Forget addresses whose minute is over, so the map stays small.
-            f.retain(|_, v| v.since.elapsed() < Duration::from_secs(60));
-            let e = f.entry(from).or_insert(Failures {
-                since: Instant::now(),
-                count: 0,
-            });
-            e.count += 1;
+            self.failures.fail(from);
         }
         Refusal { status, message }
     }
@@ -291,19 +313,12 @@ impl Auth {
         from: Option<IpAddr>,
         need: Role,
     ) -> Result<Caller, Refusal> {
-        {
-            let f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(v) = f.get(&from)
-                && v.since.elapsed() < Duration::from_secs(60)
-                && v.count >= MAX_FAILURES_PER_MINUTE
-            {
-                drop(f);
-                self.failed.with_label_values(&["rate_limited"]).inc();
-                return Err(Refusal {
-                    status: 429,
-                    message: "too many failed attempts from this address; wait a minute".into(),
-                });
-            }
+        if self.failures.limited(from) {
+            self.failed.with_label_values(&["rate_limited"]).inc();
+            return Err(Refusal {
+                status: 429,
+                message: "too many failed attempts from this address; wait a minute".into(),
+            });
         }
         let entries = self.entries();
         if !self.configured() {

@@ -18,6 +18,9 @@
 //! Under `/api/` every answer is JSON, errors included (`{"status":"error","error":...}`):
 //! unknown paths 404, wrong methods 405, malformed bodies 400, bodies over 1 MiB 413.
 //!
+//! With `--web.config.file` (`webconfig`), every route, `/metrics` included, can need TLS and
+//! basic auth.
+//!
 //! Uses `registry` (read only), `advisor::Recommendations` (read only), the rule engine and the
 //! actions stage (through `admin`), and `shutdown`.
 
@@ -26,6 +29,7 @@ pub mod auth;
 pub mod intake;
 mod landing;
 mod metrics;
+pub mod webconfig;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -216,30 +220,55 @@ pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
 }
 
 /// Serves `router` on every listener until shutdown, then lets requests in flight finish for
-/// at most `grace`.
+/// at most `grace`. With `web` holding TLS settings, every listener speaks TLS.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     router: Router,
     shutdown: Shutdown,
     grace: Duration,
+    web: Option<Arc<webconfig::WebConfig>>,
 ) {
+    use axum::serve::ListenerExt;
+    let tls = web.filter(|w| w.tls());
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
         let router = router.clone();
         let mut stop = shutdown.clone();
-        servers.spawn(async move {
-            let addr = listener.local_addr().ok();
-            // The peer's address lets the admin API limit failed attempts per client.
-            let result = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.wait().await })
-            .await;
-            if let Err(err) = result {
-                tracing::error!(address = ?addr, error = %err, "HTTP server failed");
+        let addr = listener.local_addr().ok();
+        // The peer's address lets the admin API limit failed attempts per client.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        match &tls {
+            None => {
+                servers.spawn(async move {
+                    let result = axum::serve(listener, service)
+                        .with_graceful_shutdown(async move { stop.wait().await })
+                        .await;
+                    if let Err(err) = result {
+                        tracing::error!(address = ?addr, error = %err, "HTTP server failed");
+                    }
+                });
             }
-        });
+            Some(web) => {
+                let listener =
+                    match webconfig::TlsListener::new(listener, web.clone(), shutdown.clone()) {
+                        Ok(l) => l,
+                        Err(err) => {
+                            tracing::error!(address = ?addr, error = %err, "HTTPS listener failed");
+                            continue;
+                        }
+                    };
+                servers.spawn(async move {
+                    // `tap_io` is there for its `Connected` impl: it gives handlers the peer's
+                    // address (`ConnectInfo<SocketAddr>`) for any listener whose address is one.
+                    let result = axum::serve(listener.tap_io(|_| {}), service)
+                        .with_graceful_shutdown(async move { stop.wait().await })
+                        .await;
+                    if let Err(err) = result {
+                        tracing::error!(address = ?addr, error = %err, "HTTPS server failed");
+                    }
+                });
+            }
+        }
     }
     let mut stop = shutdown;
     stop.wait().await;

@@ -163,6 +163,15 @@ pub struct RunFlags {
     )]
     pub tokens_file: Option<PathBuf>,
 
+    /// YAML file of TLS and basic-auth settings for every route, in the Prometheus
+    /// exporter-toolkit format (re-read when it or the certificates change).
+    #[arg(
+        long = "web.config.file",
+        env = "AUTOTUNER_WEB_CONFIG_FILE",
+        value_name = "FILE"
+    )]
+    pub web_config_file: Option<PathBuf>,
+
     /// Only log messages with the given severity or above. `RUST_LOG`, when set, overrides it
     /// with a full tracing filter.
     #[arg(
@@ -234,6 +243,8 @@ pub struct Settings {
     pub playbooks_file: (PathBuf, bool),
     /// The admin API's tokens file.
     pub tokens_file: Option<PathBuf>,
+    /// The TLS and basic-auth file.
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -278,6 +289,7 @@ impl Settings {
                 None => (PathBuf::from("./playbooks.yml"), false),
             },
             tokens_file: flags.tokens_file.clone(),
+            web_config_file: flags.web_config_file.clone(),
         })
     }
 }
