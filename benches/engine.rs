@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths: one rule-engine tick of 1,000 rules over 10,000 series,
-//! and encoding `/metrics` for 10,000 series. Run with `cargo bench --bench engine`; the README
+//! and encoding `/metrics` for a realistic snapshot (a real scrape of host, PostgreSQL with its
+//! top statements, PgBouncer and Redis: `benches/data/realistic.prom`) and for 10,000 series. Run with `cargo bench --bench engine`; the README
 //! shows the latest medians. Timings are never test assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -35,19 +36,44 @@ fn registry() -> Arc<Registry> {
     r
 }
 
-/// 1,000 rules: 700 plain thresholds, 200 aggregated rates, 100 set operations.
-fn rules_dir() -> tempfile::TempDir {
+/// 1,000 rules: 700 plain thresholds, 200 aggregated rates, 100 set operations, over 100
+/// metrics: each selection or aggregation is shared by ten rules with different thresholds.
+///
+/// With `shared` false, no two rules select the same series set: each adds a matcher of its
+/// own, so nothing computed for one rule serves another.
+fn rules_dir(shared: bool) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut text = String::from("groups:\n  - name: bench\n    interval: 1s\n    rules:\n");
     for k in 0..1000 {
         let m = k % 100;
-        let expr = match k % 10 {
-            0 | 1 => format!("sum by (job) (rate(metric_{m}_total[1m])) > 1"),
-            2 => format!(
-                "metric_{m}_total > 100 and on (instance) metric_{}_total > 50",
-                (m + 1) % 100
-            ),
-            _ => format!("metric_{m}_total{{instance=\"i{}\"}} > 10", k % 100),
+        // Every rule's text differs (its threshold), as in a real rule set; rules share
+        // selectors and aggregations, as warning and critical thresholds over one metric do.
+        let t = k / 100;
+        let expr = if shared {
+            match k % 10 {
+                0 | 1 => format!("sum by (job) (rate(metric_{m}_total[1m])) > {}", 1 + t),
+                2 => format!(
+                    "metric_{m}_total > {} and on (instance) metric_{}_total > 50",
+                    100 + t,
+                    (m + 1) % 100
+                ),
+                _ => format!("metric_{m}_total{{instance=\"i{}\"}} > {}", k % 100, 10 + t),
+            }
+        } else {
+            // `job!="jobN"` keeps 90 of 100 series and makes each selector unique.
+            match k % 10 {
+                0 | 1 => {
+                    format!("sum by (job) (rate(metric_{m}_total{{job!=\"job{t}\"}}[1m])) > 1")
+                }
+                2 => format!(
+                    "metric_{m}_total{{job!=\"job{t}\"}} > 100 and on (instance) metric_{}_total{{job!=\"job{t}\"}} > 50",
+                    (m + 1) % 100
+                ),
+                _ => format!(
+                    "metric_{m}_total{{instance=\"i{}\",job!=\"job{t}\"}} > 10",
+                    (k + t) % 100
+                ),
+            }
         };
         text.push_str(&format!(
             "      - name: R{k}\n        expr: '{expr}'\n        for: 1m\n"
@@ -57,15 +83,65 @@ fn rules_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The real scrape in `benches/data/realistic.prom`, published as its collectors would.
+fn realistic() -> Arc<Registry> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/data/realistic.prom"
+    ))
+    .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let r = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+    let mut f = Families::new();
+    for s in &scrape.samples {
+        let help = scrape.docs.get(&s.metric).map_or("", String::as_str);
+        let labels: Vec<(&str, &str)> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        match s.value {
+            prometheus_parse::Value::Counter(v) => f.counter(&s.metric, help, &labels, v),
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => {
+                f.gauge(&s.metric, help, &labels, v)
+            }
+            _ => {}
+        }
+    }
+    r.publish("realistic", f.into_vec(), 0);
+    r
+}
+
 fn bench(c: &mut Criterion) {
+    let real = realistic();
+    let n = real
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .count();
+    assert!(n > 200, "{n} series");
+    c.bench_function(
+        &format!("render /metrics: a real scrape of {n} series"),
+        |b| b.iter(|| black_box(real.render().len())),
+    );
+    for (shared, what) in [
+        (true, "rules sharing selections"),
+        (false, "every selection distinct"),
+    ] {
+        // Each engine registers its own metrics: a registry apiece.
+        let registry = registry();
+        let dir = rules_dir(shared);
+        let (tx, _rx) = tokio::sync::mpsc::channel(100_000);
+        let engine = Engine::new(registry.clone(), dir.path().to_path_buf(), None, tx).unwrap();
+        assert_eq!(engine.status().len(), 1000);
+        engine.tick_all(10_000);
+        assert!(engine.status().iter().all(|r| r.last_error.is_none()));
+        c.bench_function(
+            &format!("rule tick: 1,000 rules over 10,000 series, {what}"),
+            |b| b.iter(|| black_box(engine.tick_all(10_000))),
+        );
+    }
     let registry = registry();
-    let dir = rules_dir();
-    let (tx, _rx) = tokio::sync::mpsc::channel(100_000);
-    let engine = Engine::new(registry.clone(), dir.path().to_path_buf(), None, tx).unwrap();
-    assert_eq!(engine.status().len(), 1000);
-    c.bench_function("rule tick: 1,000 rules over 10,000 series", |b| {
-        b.iter(|| black_box(engine.tick_all(10_000)))
-    });
     c.bench_function("render /metrics: 10,000 series", |b| {
         b.iter(|| black_box(registry.render().len()))
     });

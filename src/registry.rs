@@ -251,32 +251,61 @@ impl Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
-        let history = lock(&self.history);
         let mut out = Vec::new();
-        let mut visit = |n: &str, series: &HashMap<Labels, Series>| {
+        self.visit(name, keep, |s| {
+            let selected = s.between(start_ms, end_ms);
+            if !selected.is_empty() {
+                out.push((s.full.clone(), selected));
+            }
+        });
+        out
+    }
+
+    /// Like `select`, but only each series' newest point in `[start_ms, end_ms]` (what an
+    /// instant selector reads), copying nothing else.
+    pub fn select_last(
+        &self,
+        name: Option<&str>,
+        keep: impl Fn(&str, &Labels) -> bool,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(Labels, Point)> {
+        let mut out = Vec::new();
+        self.visit(name, keep, |s| {
+            if let Some(p) = s.last_until(end_ms).filter(|p| p.t_ms >= start_ms) {
+                out.push((s.full.clone(), p));
+            }
+        });
+        out
+    }
+
+    /// Calls `f` on every stored series accepted by `keep`, under the history's lock.
+    fn visit(
+        &self,
+        name: Option<&str>,
+        keep: impl Fn(&str, &Labels) -> bool,
+        mut f: impl FnMut(&Series),
+    ) {
+        let history = lock(&self.history);
+        let mut each = |n: &str, series: &HashMap<Labels, Series>| {
             for (labels, s) in series {
-                if !keep(n, labels) {
-                    continue;
-                }
-                let selected = s.between(start_ms, end_ms);
-                if !selected.is_empty() {
-                    out.push((s.full.clone(), selected));
+                if keep(n, labels) {
+                    f(s);
                 }
             }
         };
         match name {
             Some(n) => {
                 if let Some(series) = history.by_name.get(n) {
-                    visit(n, series);
+                    each(n, series);
                 }
             }
             None => {
                 for (n, series) in &history.by_name {
-                    visit(n, series);
+                    each(n, series);
                 }
             }
         }
-        out
     }
 
     /// Adds metrics of another stage (the rule engine, the actions) to the exporter's own, so
@@ -379,6 +408,18 @@ impl Series {
         let from = self.points.partition_point(|p| p.t_ms < start_ms);
         let to = self.points.partition_point(|p| p.t_ms <= end_ms);
         self.points.range(from..to.max(from)).copied().collect()
+    }
+
+    /// The newest point at or before `end_ms`.
+    fn last_until(&self, end_ms: i64) -> Option<Point> {
+        // Usually the newest point of all: look there before searching.
+        match self.points.back() {
+            Some(p) if p.t_ms <= end_ms => Some(*p),
+            _ => {
+                let to = self.points.partition_point(|p| p.t_ms <= end_ms);
+                to.checked_sub(1).and_then(|i| self.points.get(i)).copied()
+            }
+        }
     }
 }
 

@@ -24,9 +24,11 @@ pub enum MetricKind {
 #[derive(Clone)]
 pub struct Labels(Arc<Inner>);
 
+/// Names and values are shared strings: deriving a set from another (dropping the metric name,
+/// a grouping, a match signature) copies pointers, never text.
 struct Inner {
     hash: u64,
-    pairs: Box<[(String, String)]>,
+    pairs: Box<[(Arc<str>, Arc<str>)]>,
 }
 
 impl Default for Labels {
@@ -71,14 +73,16 @@ impl fmt::Debug for Labels {
 impl Labels {
     /// Builds a label set from pairs in any order. A later pair with the same name replaces an
     /// earlier one.
-    pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        let mut v: Vec<(String, String)> = pairs
+    pub fn new<K: Into<Arc<str>>, V: Into<Arc<str>>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let mut v: Vec<(Arc<str>, Arc<str>)> = pairs
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         // Keep the last value given for a name.
-        let mut out: Vec<(String, String)> = Vec::with_capacity(v.len());
+        let mut out: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(v.len());
         for pair in v {
             match out.last_mut() {
                 Some(last) if last.0 == pair.0 => *last = pair,
@@ -88,7 +92,7 @@ impl Labels {
         Labels::from_sorted(out)
     }
 
-    fn from_sorted(pairs: Vec<(String, String)>) -> Self {
+    fn from_sorted(pairs: Vec<(Arc<str>, Arc<str>)>) -> Self {
         use std::hash::{Hash as _, Hasher as _};
         // A fixed-key hasher: the same set hashes the same in every process (the value only
         // feeds in-memory maps, so a fixed key is no denial-of-service concern beyond what
@@ -110,14 +114,76 @@ impl Labels {
     pub fn get(&self, name: &str) -> Option<&str> {
         let pairs = &self.0.pairs;
         pairs
-            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .binary_search_by(|(k, _)| (**k).cmp(name))
             .ok()
-            .map(|i| pairs[i].1.as_str())
+            .map(|i| &*pairs[i].1)
     }
 
     /// The pairs, sorted by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.0.pairs.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The labels whose names pass `keep`: the same set (shared, nothing built) when all do.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Labels {
+        if self.0.pairs.iter().all(|(k, _)| keep(k)) {
+            return self.clone();
+        }
+        Labels::from_sorted(
+            self.0
+                .pairs
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The labels whose names pass `keep`, then those of `extra` (which win on a clash).
+    pub fn retain_with(&self, keep: impl Fn(&str) -> bool, extra: &Labels) -> Labels {
+        if extra.is_empty() {
+            return self.retain(keep);
+        }
+        let mut out: Vec<(Arc<str>, Arc<str>)> =
+            Vec::with_capacity(self.0.pairs.len() + extra.0.pairs.len());
+        let (mut a, mut b) = (
+            self.0.pairs.iter().peekable(),
+            extra.0.pairs.iter().peekable(),
+        );
+        // Both are sorted: merge them.
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => match x.0.cmp(&y.0) {
+                    std::cmp::Ordering::Less => {
+                        if keep(&x.0) {
+                            out.push((*x).clone());
+                        }
+                        a.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        out.push((*y).clone());
+                        a.next();
+                        b.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push((*y).clone());
+                        b.next();
+                    }
+                },
+                (Some(x), None) => {
+                    if keep(&x.0) {
+                        out.push((*x).clone());
+                    }
+                    a.next();
+                }
+                (None, Some(y)) => {
+                    out.push((*y).clone());
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        Labels::from_sorted(out)
     }
 
     /// Number of labels.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use autotuner::rules::expr::memory::{MemorySeries, parse_labels};
-use autotuner::rules::expr::{Evaluator, Query, Value};
+use autotuner::rules::expr::{Evaluator, Memo, Query, Value};
 use autotuner::sample::Labels;
 
 fn duration_ms(text: &str) -> i64 {
@@ -107,6 +107,19 @@ fn run_case(
     };
     let result = Evaluator::new(store, case.at_ms).eval(&query);
     let fail = |msg: String| format!("{file}:{}: {} — {msg}", case.line, case.expr);
+    // The rule engine evaluates through a per-tick memo: the first evaluation fills it (and
+    // reuses it within the expression), the second is answered from it; both must agree with
+    // the plain evaluation.
+    let memo = Memo::new(case.at_ms);
+    let first = Evaluator::with_memo(store, &memo).eval(&query);
+    let again = Evaluator::with_memo(store, &memo).eval(&query);
+    let plain = format!("{result:?}");
+    if format!("{first:?}") != plain || format!("{again:?}") != plain {
+        tally.failures.push(fail(format!(
+            "through the memo: {first:?}, then {again:?}; plain: {plain}"
+        )));
+        return;
+    }
     match (result, case.expect_fail) {
         (Err(_), true) => tally.passed += 1,
         (Ok(v), true) => tally

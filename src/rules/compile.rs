@@ -41,6 +41,8 @@ pub struct Rule {
     pub timing: Timing,
     /// Labels added to its instances.
     pub labels: BTreeMap<String, String>,
+    /// The same, as a label set, built once for every evaluation to merge.
+    pub label_set: crate::sample::Labels,
     /// Its annotations.
     pub annotations: BTreeMap<String, String>,
     /// Its own mode, overriding the global one.
@@ -389,6 +391,9 @@ impl Compiler<'_> {
                     keep_firing_for: spec.keep_firing_for.map_or(Duration::ZERO, |d| d.0),
                     repeat: spec.repeat.map(|d| d.0),
                 },
+                label_set: crate::sample::Labels::new(
+                    spec.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                ),
                 labels: spec.labels,
                 annotations: spec.annotations,
                 mode: spec.mode,

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::compile::{self, Problem, Rule};
-use super::expr::{Evaluator, NAME, SeriesSource, Value};
+use super::expr::{Evaluator, Memo, NAME, SeriesSource, Value};
 use super::file::{Mode, OnAbsent};
 use super::state::{self, Observed, State};
 use crate::actions::Event;
@@ -565,6 +565,8 @@ impl Engine {
         let Loaded { rules, runtime, .. } = &mut *inner;
         let mut evaluated = 0;
         let mut requests = Vec::new();
+        // Rules evaluated together share their selections and aggregations.
+        let memo = Memo::new(now_ms);
         for rule in rules.iter() {
             let rt = runtime.entry(rule.name.clone()).or_default();
             let due = rt.last_evaluation_ms.is_none_or(|t| {
@@ -575,7 +577,7 @@ impl Engine {
             }
             evaluated += 1;
             let started = Instant::now();
-            match evaluate(&*self.registry, rule, rt, now_ms) {
+            match evaluate(&*self.registry, &memo, rule, rt, now_ms) {
                 Ok(mut r) => {
                     rt.last_error = None;
                     requests.append(&mut r);
@@ -727,11 +729,12 @@ impl Engine {
 /// action requests it makes.
 pub(crate) fn evaluate<S: SeriesSource>(
     source: &S,
+    memo: &Memo,
     rule: &Rule,
     rt: &mut Runtime,
     now_ms: i64,
 ) -> Result<Vec<ActionRequest>, String> {
-    let ev = Evaluator::new(source, now_ms);
+    let ev = Evaluator::with_memo(source, memo);
     let active = instances(ev.eval(&rule.expr)?, rule)?;
     let clear = match &rule.clear {
         Some(q) => Some(
@@ -850,13 +853,7 @@ fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> 
 }
 
 fn with_rule_labels(labels: &Labels, rule: &Rule) -> Labels {
-    Labels::new(
-        labels
-            .iter()
-            .filter(|(k, _)| *k != NAME)
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .chain(rule.labels.iter().map(|(k, v)| (k.clone(), v.clone()))),
-    )
+    labels.retain_with(|k| k != NAME, &rule.label_set)
 }
 
 /// An instance as shown and persisted (a non-finite value, which JSON cannot hold, as none).

@@ -14,7 +14,7 @@
 mod activity;
 mod database;
 mod settings;
-mod statements;
+pub mod statements;
 
 use std::time::{Duration, Instant};
 

@@ -15,17 +15,19 @@ use super::{MARK, Run, labels_with};
 use crate::settings::PostgresConfig;
 
 /// A statement: database, user and normalized query.
-type Key = (i64, i64, i64);
+pub type Key = (i64, i64, i64);
 
 /// Cumulative calls and seconds of one statement.
 #[derive(Debug, Clone, Copy, Default)]
-struct Totals {
-    calls: f64,
-    seconds: f64,
+pub struct Totals {
+    /// Times executed.
+    pub calls: f64,
+    /// Seconds spent executing.
+    pub seconds: f64,
 }
 
 /// What the collector remembers between runs.
-pub(super) struct State {
+pub struct State {
     window: Duration,
     snapshots: VecDeque<(Instant, HashMap<Key, Totals>)>,
     /// Statements seen so far, to notice new ones.
@@ -35,7 +37,8 @@ pub(super) struct State {
 }
 
 impl State {
-    pub(super) fn new(window: Duration) -> Self {
+    /// Empty, for a window of `window`.
+    pub fn new(window: Duration) -> Self {
         State {
             window,
             snapshots: VecDeque::new(),
@@ -47,7 +50,7 @@ impl State {
     /// Records the current totals and returns, over the window, the calls-weighted mean latency
     /// (if there were calls) and the number of statements whose mean exceeded `slow`; `None`
     /// until there is a baseline.
-    fn advance(
+    pub fn advance(
         &mut self,
         now: Instant,
         current: HashMap<Key, Totals>,
@@ -269,7 +272,7 @@ pub(super) async fn collect(
 /// `pg_stat_statements` keeps utility statements such as `ALTER ROLE … PASSWORD '…'` with their
 /// literals, and a label is no place for a password. Anything that still mentions one is
 /// withheld too.
-fn publishable(text: &str) -> Option<String> {
+pub fn publishable(text: &str) -> Option<String> {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let head = text
         .trim_start_matches(|c: char| c == '(' || c.is_whitespace())

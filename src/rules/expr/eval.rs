@@ -38,17 +38,54 @@ pub enum Value {
     Matrix(Vec<(Labels, Vec<Point>)>),
 }
 
+/// The instant vectors computed during one rule-engine tick, by expression text: rules often
+/// share selectors and aggregations (a warning and a critical threshold over the same rate), and
+/// at one instant over one source the same expression has the same value, so each is computed
+/// once per tick. Only selectors, aggregations and function calls are kept: they are where the
+/// work is, and their text is cheap to write.
+#[derive(Debug, Default)]
+pub struct Memo {
+    t_ms: i64,
+    values: std::cell::RefCell<HashMap<String, Vec<Sample>>>,
+}
+
+impl Memo {
+    /// An empty memo for evaluations at `t_ms`.
+    pub fn new(t_ms: i64) -> Self {
+        Memo {
+            t_ms,
+            values: std::cell::RefCell::default(),
+        }
+    }
+}
+
 /// Evaluates queries at one instant against one source.
 pub struct Evaluator<'a, S: SeriesSource> {
     source: &'a S,
     /// The evaluation time, in milliseconds since the epoch.
     t_ms: i64,
+    /// Shared results of this instant, when the caller evaluates many queries at it.
+    memo: Option<&'a Memo>,
 }
 
 impl<'a, S: SeriesSource> Evaluator<'a, S> {
     /// An evaluator at `t_ms`.
     pub fn new(source: &'a S, t_ms: i64) -> Self {
-        Evaluator { source, t_ms }
+        Evaluator {
+            source,
+            t_ms,
+            memo: None,
+        }
+    }
+
+    /// An evaluator at the memo's instant that shares its results with every other evaluator
+    /// given the same memo (over the same source).
+    pub fn with_memo(source: &'a S, memo: &'a Memo) -> Self {
+        Evaluator {
+            source,
+            t_ms: memo.t_ms,
+            memo: Some(memo),
+        }
     }
 
     /// Evaluates `query`. Errors are Prometheus's run-time errors (such as a many-to-many match
@@ -65,6 +102,26 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
     }
 
     pub(super) fn expr(&self, expr: &Expr) -> Result<Value, String> {
+        let Some(memo) = self.memo.filter(|_| {
+            matches!(
+                expr,
+                Expr::VectorSelector(_) | Expr::Aggregate(_) | Expr::Call(_)
+            )
+        }) else {
+            return self.compute(expr);
+        };
+        let key = expr.to_string();
+        if let Some(v) = memo.values.borrow().get(&key) {
+            return Ok(Value::Vector(v.clone()));
+        }
+        let value = self.compute(expr)?;
+        if let Value::Vector(v) = &value {
+            memo.values.borrow_mut().insert(key, v.clone());
+        }
+        Ok(value)
+    }
+
+    fn compute(&self, expr: &Expr) -> Result<Value, String> {
         match expr {
             Expr::NumberLiteral(n) => Ok(Value::Scalar(n.val)),
             Expr::Paren(p) => self.expr(&p.expr),
@@ -104,13 +161,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         let t = self.at(vs);
         let start = t - ms(LOOKBACK) + 1;
         self.source
-            .select(&matchers(vs), start, t)
+            .select_last(&matchers(vs), start, t)
             .into_iter()
-            .filter_map(|(labels, points)| {
-                let last = points
-                    .iter()
-                    .rev()
-                    .find(|p| p.t_ms >= start && p.t_ms <= t)?;
+            .filter_map(|(labels, last)| {
                 (!is_stale_marker(last.v)).then_some(Sample {
                     labels,
                     value: last.v,
@@ -126,12 +179,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         self.source
             .select(&matchers(vs), start, t)
             .into_iter()
-            .filter_map(|(labels, points)| {
-                let kept: Vec<Point> = points
-                    .into_iter()
-                    .filter(|p| p.t_ms >= start && p.t_ms <= t && !is_stale_marker(p.v))
-                    .collect();
-                (!kept.is_empty()).then_some((labels, kept))
+            .filter_map(|(labels, mut points)| {
+                points.retain(|p| p.t_ms >= start && p.t_ms <= t && !is_stale_marker(p.v));
+                (!points.is_empty()).then_some((labels, points))
             })
             .collect()
     }
@@ -306,16 +356,10 @@ pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
 fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
     match modifier {
         None => Labels::empty(),
-        Some(LabelModifier::Include(keep)) => Labels::new(
-            labels
-                .iter()
-                .filter(|(k, _)| keep.labels.iter().any(|l| l == k)),
-        ),
-        Some(LabelModifier::Exclude(drop)) => Labels::new(
-            labels
-                .iter()
-                .filter(|(k, _)| *k != NAME && !drop.labels.iter().any(|l| l == k)),
-        ),
+        Some(LabelModifier::Include(keep)) => labels.retain(|k| keep.labels.iter().any(|l| l == k)),
+        Some(LabelModifier::Exclude(drop)) => {
+            labels.retain(|k| k != NAME && !drop.labels.iter().any(|l| l == k))
+        }
     }
 }
 
@@ -336,10 +380,7 @@ pub(super) fn matchers(vs: &VectorSelector) -> Vec<Matcher> {
 
 /// `labels` without `__name__`.
 pub(super) fn drop_name(labels: &Labels) -> Labels {
-    if labels.get(NAME).is_none() {
-        return labels.clone();
-    }
-    Labels::new(labels.iter().filter(|(k, _)| *k != NAME))
+    labels.retain(|k| k != NAME)
 }
 
 /// Refuses a vector in which two samples have the same labels (after a name was dropped).
@@ -418,16 +459,10 @@ fn vector_scalar(
 /// the metric name.
 fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> Labels {
     match modifier.and_then(|m| m.matching.as_ref()) {
-        Some(LabelModifier::Include(on)) => Labels::new(
-            labels
-                .iter()
-                .filter(|(k, _)| on.labels.iter().any(|l| l == k)),
-        ),
-        Some(LabelModifier::Exclude(ignoring)) => Labels::new(
-            labels
-                .iter()
-                .filter(|(k, _)| *k != NAME && !ignoring.labels.iter().any(|l| l == k)),
-        ),
+        Some(LabelModifier::Include(on)) => labels.retain(|k| on.labels.iter().any(|l| l == k)),
+        Some(LabelModifier::Exclude(ignoring)) => {
+            labels.retain(|k| k != NAME && !ignoring.labels.iter().any(|l| l == k))
+        }
         None => drop_name(labels),
     }
 }
@@ -550,27 +585,26 @@ fn result_labels(
     include: &[String],
 ) -> Labels {
     let drop_name_too = !op.is_comparison_operator() || return_bool;
-    let mut pairs: Vec<(String, String)> = many
-        .iter()
-        .filter(|(k, _)| !(drop_name_too && *k == NAME))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    if matches!(card, VectorMatchCardinality::OneToOne) {
-        match modifier.and_then(|m| m.matching.as_ref()) {
-            Some(LabelModifier::Include(on)) => {
-                pairs.retain(|(k, _)| on.labels.iter().any(|l| l == k))
+    let one_to_one = matches!(card, VectorMatchCardinality::OneToOne);
+    let matching = modifier.and_then(|m| m.matching.as_ref());
+    let kept = many.retain(|k| {
+        let dropped = (drop_name_too && k == NAME) || include.iter().any(|n| n == k);
+        !dropped
+            && match (one_to_one, matching) {
+                (true, Some(LabelModifier::Include(on))) => on.labels.iter().any(|l| l == k),
+                (true, Some(LabelModifier::Exclude(ignoring))) => {
+                    !ignoring.labels.iter().any(|l| l == k)
+                }
+                _ => true,
             }
-            Some(LabelModifier::Exclude(ignoring)) => {
-                pairs.retain(|(k, _)| !ignoring.labels.iter().any(|l| l == k))
-            }
-            None => {}
-        }
+    });
+    if include.is_empty() {
+        return kept;
     }
-    for name in include {
-        pairs.retain(|(k, _)| k != name);
-        if let Some(v) = one.get(name).filter(|v| !v.is_empty()) {
-            pairs.push((name.clone(), v.to_owned()));
-        }
-    }
-    Labels::new(pairs)
+    let extra = Labels::new(include.iter().filter_map(|name| {
+        one.get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| (name.as_str(), v))
+    }));
+    kept.retain_with(|_| true, &extra)
 }

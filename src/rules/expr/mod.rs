@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use promql_parser::parser::{self, Expr};
 
-pub use eval::{Evaluator, Sample, Value};
+pub use eval::{Evaluator, Memo, Sample, Value};
 
 use crate::registry::Point;
 use crate::sample::Labels;
@@ -43,6 +43,26 @@ pub trait SeriesSource {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)>;
+
+    /// Like `select`, but only each series' newest point in `[start_ms, end_ms]`: what an
+    /// instant selector needs, without copying the rest of the window.
+    fn select_last(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(Labels, Point)> {
+        self.select(matchers, start_ms, end_ms)
+            .into_iter()
+            .filter_map(|(labels, points)| {
+                let last = points
+                    .iter()
+                    .rev()
+                    .find(|p| p.t_ms >= start_ms && p.t_ms <= end_ms)?;
+                Some((labels, *last))
+            })
+            .collect()
+    }
 }
 
 /// The registry's history is what rules read.
@@ -53,28 +73,46 @@ impl SeriesSource for crate::registry::Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
-        use promql_parser::label::MatchOp;
-        // An equality matcher on the name is a direct lookup; anything else walks every name.
-        let name = matchers
-            .iter()
-            .find(|m| m.name == NAME && matches!(m.op, MatchOp::Equal))
-            .map(|m| m.value.as_str());
-        // Sorted once per selection, not once per series: the name's matchers (the equality
-        // one is already answered by the lookup) and the labels' own.
-        let (on_name, on_labels): (Vec<&promql_parser::label::Matcher>, Vec<_>) =
-            matchers.iter().partition(|m| m.name == NAME);
-        let on_name: Vec<_> = on_name
-            .into_iter()
-            .filter(|m| !(name.is_some() && matches!(m.op, MatchOp::Equal)))
-            .collect();
-        let keep = |n: &str, labels: &Labels| {
-            on_name.iter().all(|m| m.is_match(n))
-                && on_labels
-                    .iter()
-                    .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
-        };
+        let (name, keep) = compiled(matchers);
         crate::registry::Registry::select(self, name, keep, start_ms, end_ms)
     }
+
+    fn select_last(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<(Labels, Point)> {
+        let (name, keep) = compiled(matchers);
+        crate::registry::Registry::select_last(self, name, keep, start_ms, end_ms)
+    }
+}
+
+/// The metric name an equality matcher asks for (a direct lookup in the registry; anything
+/// else walks every name), and a filter for the rest of the matchers, sorted once per
+/// selection rather than once per series.
+fn compiled(
+    matchers: &[promql_parser::label::Matcher],
+) -> (Option<&str>, impl Fn(&str, &Labels) -> bool + '_) {
+    use promql_parser::label::MatchOp;
+    let name = matchers
+        .iter()
+        .find(|m| m.name == NAME && matches!(m.op, MatchOp::Equal))
+        .map(|m| m.value.as_str());
+    let (on_name, on_labels): (Vec<&promql_parser::label::Matcher>, Vec<_>) =
+        matchers.iter().partition(|m| m.name == NAME);
+    // The equality one is already answered by the lookup.
+    let on_name: Vec<_> = on_name
+        .into_iter()
+        .filter(|m| !(name.is_some() && matches!(m.op, MatchOp::Equal)))
+        .collect();
+    let keep = move |n: &str, labels: &Labels| {
+        on_name.iter().all(|m| m.is_match(n))
+            && on_labels
+                .iter()
+                .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
+    };
+    (name, keep)
 }
 
 /// A parsed expression that `check` accepted.
