@@ -486,10 +486,7 @@ impl History {
             Some(s) => s,
             None => {
                 self.series += 1;
-                let full = Labels::new(
-                    std::iter::once(("__name__".to_owned(), name.to_owned()))
-                        .chain(labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned()))),
-                );
+                let full = Labels::with_name(labels, name);
                 by_labels.entry(labels.clone()).or_insert(Series {
                     full,
                     points: VecDeque::new(),

@@ -29,7 +29,24 @@ pub struct Labels(Arc<Inner>);
 struct Inner {
     hash: u64,
     pairs: Box<[(Arc<str>, Arc<str>)]>,
+    /// The same set without `__name__`, when it was built by `with_name`: a series' full
+    /// label set is built once and every evaluation that drops the name (arithmetic,
+    /// aggregation, a rule's instances) gets this instead of building a set.
+    bare: Option<Labels>,
 }
+
+/// The hash a label set carries. A fixed-key hasher: the same set hashes the same in every
+/// process (the value only feeds in-memory maps, so a fixed key is no denial-of-service concern
+/// beyond what the label values, which we collect ourselves, allow).
+fn hash_of(pairs: &[(Arc<str>, Arc<str>)]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pairs.hash(&mut h);
+    h.finish()
+}
+
+/// The label that holds the metric name in a series' full label set.
+pub const NAME_LABEL: &str = "__name__";
 
 impl Default for Labels {
     fn default() -> Self {
@@ -93,16 +110,45 @@ impl Labels {
     }
 
     fn from_sorted(pairs: Vec<(Arc<str>, Arc<str>)>) -> Self {
-        use std::hash::{Hash as _, Hasher as _};
-        // A fixed-key hasher: the same set hashes the same in every process (the value only
-        // feeds in-memory maps, so a fixed key is no denial-of-service concern beyond what
-        // the label values, which we collect ourselves, allow).
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        pairs.hash(&mut h);
         Labels(Arc::new(Inner {
-            hash: h.finish(),
+            hash: hash_of(&pairs),
             pairs: pairs.into_boxed_slice(),
+            bare: None,
         }))
+    }
+
+    /// `bare` (a set without a metric name) with `__name__` set to `name`; dropping the name
+    /// again gives `bare` back without building anything.
+    pub fn with_name(bare: &Labels, name: &str) -> Labels {
+        let mut pairs = Vec::with_capacity(bare.len() + 1);
+        pairs.push((Arc::<str>::from(NAME_LABEL), Arc::<str>::from(name)));
+        pairs.extend(
+            bare.0
+                .pairs
+                .iter()
+                .filter(|(k, _)| &**k != NAME_LABEL)
+                .cloned(),
+        );
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let bare = if bare.get(NAME_LABEL).is_some() {
+            bare.retain(|k| k != NAME_LABEL)
+        } else {
+            bare.clone()
+        };
+        Labels(Arc::new(Inner {
+            hash: hash_of(&pairs),
+            pairs: pairs.into_boxed_slice(),
+            bare: Some(bare),
+        }))
+    }
+
+    /// The set without `__name__`: shared, with nothing built, when it has none or was built
+    /// by `with_name`.
+    pub fn without_name(&self) -> Labels {
+        match &self.0.bare {
+            Some(b) => b.clone(),
+            None => self.retain(|k| k != NAME_LABEL),
+        }
     }
 
     /// The empty label set.
@@ -309,6 +355,30 @@ pub struct Snapshot {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_set_with_its_name_drops_it_back_to_the_same_set() {
+        let bare = Labels::new([("job", "api"), ("instance", "a:1")]);
+        let full = Labels::with_name(&bare, "up");
+        let built = Labels::new([("__name__", "up"), ("instance", "a:1"), ("job", "api")]);
+        assert_eq!(full, built);
+        assert_eq!(full.cmp(&built), std::cmp::Ordering::Equal);
+        assert_eq!(full.without_name(), bare);
+        assert_eq!(built.without_name(), bare);
+        // A name inside `bare` is replaced, not doubled.
+        let again = Labels::with_name(&full, "down");
+        assert_eq!(again.get("__name__"), Some("down"));
+        assert_eq!(again.len(), 3);
+        assert_eq!(again.without_name(), bare);
+        let merged = bare.retain_with(
+            |k| k != "job",
+            &Labels::new([("severity", "page"), ("instance", "b:2")]),
+        );
+        assert_eq!(
+            merged,
+            Labels::new([("instance", "b:2"), ("severity", "page")])
+        );
+    }
     use super::*;
 
     #[test]

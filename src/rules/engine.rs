@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::compile::{self, Problem, Rule};
-use super::expr::{Evaluator, Memo, NAME, SeriesSource, Value};
+use super::expr::{Evaluator, Memo, SeriesSource, Value};
 use super::file::{Mode, OnAbsent};
 use super::state::{self, Observed, State};
 use crate::actions::Event;
@@ -106,6 +106,39 @@ struct Loaded {
     rules: Vec<Rule>,
     runtime: HashMap<String, Runtime>,
     reload: ReloadStatus,
+    /// The selections, aggregations and calls written in more than one place, worth keeping
+    /// for the rest of a tick, and the rules that use any of them.
+    shared: Arc<HashSet<String>>,
+    sharing: HashSet<String>,
+}
+
+/// What the rules have in common (see `Loaded::shared`).
+fn sharing(rules: &[Rule]) -> (Arc<HashSet<String>>, HashSet<String>) {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    let keys: Vec<Vec<String>> = rules
+        .iter()
+        .map(|r| {
+            let mut k = r.expr.memo_keys();
+            if let Some(c) = &r.clear {
+                k.extend(c.memo_keys());
+            }
+            k
+        })
+        .collect();
+    for k in keys.iter().flatten() {
+        *count.entry(k.clone()).or_default() += 1;
+    }
+    let shared: HashSet<String> = count
+        .into_iter()
+        .filter_map(|(k, n)| (n > 1).then_some(k))
+        .collect();
+    let sharing = rules
+        .iter()
+        .zip(&keys)
+        .filter(|(_, k)| k.iter().any(|k| shared.contains(k)))
+        .map(|(r, _)| r.name.clone())
+        .collect();
+    (Arc::new(shared), sharing)
 }
 
 /// The engine.
@@ -254,6 +287,8 @@ impl Engine {
                 rules: Vec::new(),
                 runtime: HashMap::new(),
                 reload: ReloadStatus::default(),
+                shared: Arc::default(),
+                sharing: HashSet::new(),
             }),
             requests,
             metrics,
@@ -346,6 +381,7 @@ impl Engine {
         }
         let count = loaded.rules.len();
         let hash = set_hash(&loaded.rules);
+        (inner.shared, inner.sharing) = sharing(&loaded.rules);
         inner.rules = loaded.rules;
         inner.runtime = next;
         inner.reload = ReloadStatus {
@@ -562,11 +598,17 @@ impl Engine {
     fn tick_where(&self, now_ms: i64, all: bool) -> usize {
         self.check_names();
         let mut inner = self.lock();
-        let Loaded { rules, runtime, .. } = &mut *inner;
+        let Loaded {
+            rules,
+            runtime,
+            shared,
+            sharing,
+            ..
+        } = &mut *inner;
         let mut evaluated = 0;
         let mut requests = Vec::new();
-        // Rules evaluated together share their selections and aggregations.
-        let memo = Memo::new(now_ms);
+        // Rules evaluated together share what they have in common; the others skip the memo.
+        let memo = Memo::of(now_ms, shared.clone());
         for rule in rules.iter() {
             let rt = runtime.entry(rule.name.clone()).or_default();
             let due = rt.last_evaluation_ms.is_none_or(|t| {
@@ -577,7 +619,8 @@ impl Engine {
             }
             evaluated += 1;
             let started = Instant::now();
-            match evaluate(&*self.registry, &memo, rule, rt, now_ms) {
+            let memo = sharing.contains(&rule.name).then_some(&memo);
+            match evaluate(&*self.registry, memo, rule, rt, now_ms) {
                 Ok(mut r) => {
                     rt.last_error = None;
                     requests.append(&mut r);
@@ -729,12 +772,15 @@ impl Engine {
 /// action requests it makes.
 pub(crate) fn evaluate<S: SeriesSource>(
     source: &S,
-    memo: &Memo,
+    memo: Option<&Memo>,
     rule: &Rule,
     rt: &mut Runtime,
     now_ms: i64,
 ) -> Result<Vec<ActionRequest>, String> {
-    let ev = Evaluator::with_memo(source, memo);
+    let ev = match memo {
+        Some(m) => Evaluator::with_memo(source, m),
+        None => Evaluator::new(source, now_ms),
+    };
     let active = instances(ev.eval(&rule.expr)?, rule)?;
     let clear = match &rule.clear {
         Some(q) => Some(
@@ -771,10 +817,16 @@ fn advance(
     clear: Option<&HashSet<Labels>>,
     now_ms: i64,
 ) -> Vec<ActionRequest> {
-    let mut keys: HashSet<Labels> = rt.instances.keys().cloned().collect();
-    keys.extend(active.keys().cloned());
+    // The instances the condition holds for, then the known ones it no longer holds for (no
+    // union is built: most ticks change nothing, and this runs for every instance).
+    let gone: Vec<Labels> = rt
+        .instances
+        .keys()
+        .filter(|k| !active.contains_key(*k))
+        .cloned()
+        .collect();
     let mut requests = Vec::new();
-    for key in keys {
+    for key in active.keys().cloned().chain(gone) {
         let (prev, last_value) = rt
             .instances
             .get(&key)
@@ -853,7 +905,12 @@ fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> 
 }
 
 fn with_rule_labels(labels: &Labels, rule: &Rule) -> Labels {
-    labels.retain_with(|k| k != NAME, &rule.label_set)
+    let bare = labels.without_name();
+    if rule.label_set.is_empty() {
+        bare
+    } else {
+        bare.retain_with(|_| true, &rule.label_set)
+    }
 }
 
 /// An instance as shown and persisted (a non-finite value, which JSON cannot hold, as none).
@@ -951,8 +1008,11 @@ pub fn watch(
     >,
     notify::Error,
 > {
+    // An editor's save is a burst of events a few milliseconds long (write a temporary file,
+    // rename it over the old one); 100 ms covers it and keeps a saved rule active within about
+    // 150 ms (the debouncer looks every quarter of the timeout).
     let mut debouncer = notify_debouncer_full::new_debouncer(
-        Duration::from_millis(250),
+        Duration::from_millis(100),
         None,
         move |result: notify_debouncer_full::DebounceEventResult| {
             let relevant = match &result {
@@ -1040,7 +1100,7 @@ mod tests {
                 requests += 1;
                 assert_eq!(req.rule, "HighMemory");
                 assert_eq!(req.labels.get("severity"), Some("warning"));
-                assert_eq!(req.labels.get(NAME), None);
+                assert_eq!(req.labels.get(crate::rules::expr::NAME), None);
                 assert_eq!(req.value, 0.9);
                 assert_eq!(req.actions[0].kind(), "redis_memory_purge");
             }

@@ -280,7 +280,7 @@ fn run_group(group: &TestGroup, ctx: &Ctx<'_>, failures: &mut Vec<String>) -> Re
         for rule in rules {
             let rt = runtimes.entry(rule.name.as_str()).or_default();
             let memo = crate::rules::expr::Memo::new(t);
-            let requests = engine::evaluate(&series, &memo, rule, rt, t)
+            let requests = engine::evaluate(&series, Some(&memo), rule, rt, t)
                 .map_err(|e| format!("rule {} at {}ms: {e}", rule.name, t))?;
             for r in requests {
                 let decisions = sim.request(&r);

@@ -46,14 +46,27 @@ pub enum Value {
 #[derive(Debug, Default)]
 pub struct Memo {
     t_ms: i64,
+    /// The texts worth keeping (`None`: all); the rest are computed without a copy kept.
+    only: Option<std::sync::Arc<HashSet<String>>>,
     values: std::cell::RefCell<HashMap<String, Vec<Sample>>>,
 }
 
 impl Memo {
-    /// An empty memo for evaluations at `t_ms`.
+    /// An empty memo for evaluations at `t_ms`, keeping every result.
     pub fn new(t_ms: i64) -> Self {
         Memo {
             t_ms,
+            only: None,
+            values: std::cell::RefCell::default(),
+        }
+    }
+
+    /// An empty memo for evaluations at `t_ms`, keeping only the results of `only` (the
+    /// expressions written more than once).
+    pub fn of(t_ms: i64, only: std::sync::Arc<HashSet<String>>) -> Self {
+        Memo {
+            t_ms,
+            only: Some(only),
             values: std::cell::RefCell::default(),
         }
     }
@@ -111,6 +124,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             return self.compute(expr);
         };
         let key = expr.to_string();
+        if memo.only.as_ref().is_some_and(|o| !o.contains(&key)) {
+            return self.compute(expr);
+        }
         if let Some(v) = memo.values.borrow().get(&key) {
             return Ok(Value::Vector(v.clone()));
         }
@@ -380,7 +396,7 @@ pub(super) fn matchers(vs: &VectorSelector) -> Vec<Matcher> {
 
 /// `labels` without `__name__`.
 pub(super) fn drop_name(labels: &Labels) -> Labels {
-    labels.retain(|k| k != NAME)
+    labels.without_name()
 }
 
 /// Refuses a vector in which two samples have the same labels (after a name was dropped).
@@ -455,16 +471,27 @@ fn vector_scalar(
     Ok(Value::Vector(unique(out)?))
 }
 
-/// The labels a vector match compares: the `on` list, or everything but the `ignoring` list and
-/// the metric name.
-fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> Labels {
-    match modifier.and_then(|m| m.matching.as_ref()) {
-        Some(LabelModifier::Include(on)) => labels.retain(|k| on.labels.iter().any(|l| l == k)),
-        Some(LabelModifier::Exclude(ignoring)) => {
-            labels.retain(|k| k != NAME && !ignoring.labels.iter().any(|l| l == k))
+/// The labels a vector match compares (the `on` list, or everything but the `ignoring` list and
+/// the metric name), as a hash: matching compares these, as Prometheus does, so no label set
+/// is built for it.
+fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let matching = modifier.and_then(|m| m.matching.as_ref());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (k, v) in labels.iter() {
+        let compared = match matching {
+            Some(LabelModifier::Include(on)) => on.labels.iter().any(|l| l == k),
+            Some(LabelModifier::Exclude(ignoring)) => {
+                k != NAME && !ignoring.labels.iter().any(|l| l == k)
+            }
+            None => k != NAME,
+        };
+        if compared {
+            k.hash(&mut h);
+            v.hash(&mut h);
         }
-        None => drop_name(labels),
     }
+    h.finish()
 }
 
 fn vector_vector(
@@ -475,8 +502,7 @@ fn vector_vector(
 ) -> Result<Value, String> {
     match op.id() {
         T_LAND => {
-            let right: HashSet<Labels> =
-                rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
             Ok(Value::Vector(
                 lhs.into_iter()
                     .filter(|s| right.contains(&signature(&s.labels, modifier)))
@@ -484,8 +510,7 @@ fn vector_vector(
             ))
         }
         T_LUNLESS => {
-            let right: HashSet<Labels> =
-                rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
             Ok(Value::Vector(
                 lhs.into_iter()
                     .filter(|s| !right.contains(&signature(&s.labels, modifier)))
@@ -493,8 +518,7 @@ fn vector_vector(
             ))
         }
         T_LOR => {
-            let left: HashSet<Labels> =
-                lhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let left: HashSet<u64> = lhs.iter().map(|s| signature(&s.labels, modifier)).collect();
             let mut out = lhs;
             out.extend(
                 rhs.into_iter()
@@ -519,7 +543,7 @@ fn matched(
     // The "many" side drives the match; for group_right that is the right-hand side.
     let one_to_many = matches!(card, VectorMatchCardinality::OneToMany(_));
     let (many, one) = if one_to_many { (rhs, lhs) } else { (lhs, rhs) };
-    let mut by_sig: HashMap<Labels, &Sample> = HashMap::with_capacity(one.len());
+    let mut by_sig: HashMap<u64, &Sample> = HashMap::with_capacity(one.len());
     for s in &one {
         if by_sig.insert(signature(&s.labels, modifier), s).is_some() {
             let side = if one_to_many { "left" } else { "right" };
@@ -529,7 +553,7 @@ fn matched(
         }
     }
     let include: Vec<String> = card.labels().map(|l| l.labels.clone()).unwrap_or_default();
-    let mut matched_sigs: HashSet<Labels> = HashSet::new();
+    let mut matched_sigs: HashSet<u64> = HashSet::new();
     let mut out_labels: HashSet<Labels> = HashSet::new();
     let mut out = Vec::new();
     for m in &many {
@@ -537,7 +561,7 @@ fn matched(
         let Some(o) = by_sig.get(&sig) else {
             continue;
         };
-        if matches!(card, VectorMatchCardinality::OneToOne) && !matched_sigs.insert(sig.clone()) {
+        if matches!(card, VectorMatchCardinality::OneToOne) && !matched_sigs.insert(sig) {
             return Err("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)".into());
         }
         let (l, r) = if one_to_many {

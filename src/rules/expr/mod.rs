@@ -154,6 +154,34 @@ impl Query {
         }
     }
 
+    /// The texts under which a per-tick `Memo` would keep this expression's parts: every
+    /// selector, aggregation and function call in it.
+    pub fn memo_keys(&self) -> Vec<String> {
+        fn walk(e: &Expr, out: &mut Vec<String>) {
+            match e {
+                Expr::VectorSelector(_) => out.push(e.to_string()),
+                Expr::Aggregate(a) => {
+                    out.push(e.to_string());
+                    walk(&a.expr, out);
+                }
+                Expr::Call(c) => {
+                    out.push(e.to_string());
+                    c.args.args.iter().for_each(|a| walk(a, out));
+                }
+                Expr::Paren(p) => walk(&p.expr, out),
+                Expr::Unary(u) => walk(&u.expr, out),
+                Expr::Binary(b) => {
+                    walk(&b.lhs, out);
+                    walk(&b.rhs, out);
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.expr, &mut out);
+        out
+    }
+
     /// The longest range or offset reach back in time, for sizing the history it needs.
     pub fn lookback_needed(&self) -> Duration {
         reach(&self.expr)
