@@ -244,15 +244,19 @@ impl Registry {
     /// metric's), as its label set with `__name__` and its points in `[start_ms, end_ms]`;
     /// series without points there are left out. The read side of the history for the rule
     /// engine.
+    ///
+    /// `equal` lists `(label, value)` pairs (values not empty) that every accepted series has:
+    /// the candidates are then looked up rather than `keep` asked of each of the metric's series.
     pub fn select(
         &self,
         name: Option<&str>,
+        equal: &[(&str, &str)],
         keep: impl Fn(&str, &Labels) -> bool,
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
         let mut out = Vec::new();
-        self.visit(name, keep, |s| {
+        self.visit(name, equal, keep, |s| {
             let selected = s.between(start_ms, end_ms);
             if !selected.is_empty() {
                 out.push((s.full.clone(), selected));
@@ -266,12 +270,13 @@ impl Registry {
     pub fn select_last(
         &self,
         name: Option<&str>,
+        equal: &[(&str, &str)],
         keep: impl Fn(&str, &Labels) -> bool,
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Point)> {
         let mut out = Vec::new();
-        self.visit(name, keep, |s| {
+        self.visit(name, equal, keep, |s| {
             if let Some(p) = s.last_until(end_ms).filter(|p| p.t_ms >= start_ms) {
                 out.push((s.full.clone(), p));
             }
@@ -283,10 +288,12 @@ impl Registry {
     fn visit(
         &self,
         name: Option<&str>,
+        equal: &[(&str, &str)],
         keep: impl Fn(&str, &Labels) -> bool,
         mut f: impl FnMut(&Series),
     ) {
-        let history = lock(&self.history);
+        let mut guard = lock(&self.history);
+        let history = &mut *guard;
         let mut each = |n: &str, series: &HashMap<Labels, Series>| {
             for (labels, s) in series {
                 if keep(n, labels) {
@@ -295,6 +302,34 @@ impl Registry {
             }
         };
         match name {
+            // A metric with few series is quicker to walk than to look up.
+            Some(n) if !equal.is_empty() => {
+                let Some(series) = history.by_name.get(n) else {
+                    return;
+                };
+                if series.len() <= POSTINGS_FROM {
+                    return each(n, series);
+                }
+                if !history.postings.contains_key(n) {
+                    history.postings.insert(n.to_owned(), postings(series));
+                }
+                let Some(postings) = history.postings.get(n) else {
+                    return;
+                };
+                // The shortest list: an absent one means nothing can match.
+                let candidates = equal
+                    .iter()
+                    .map(|(l, v)| postings.get(*l).and_then(|m| m.get(*v)))
+                    .min_by_key(|c| c.map_or(0, Vec::len))
+                    .flatten();
+                for labels in candidates.into_iter().flatten() {
+                    if let Some(s) = series.get(labels)
+                        && keep(n, labels)
+                    {
+                        f(s);
+                    }
+                }
+            }
             Some(n) => {
                 if let Some(series) = history.by_name.get(n) {
                     each(n, series);
@@ -423,10 +458,34 @@ impl Series {
     }
 }
 
+/// A metric's series by label name and value, for equality matchers.
+type Postings = HashMap<String, HashMap<String, Vec<Labels>>>;
+
+/// Metrics with more series than this get postings when an equality matcher selects from them.
+const POSTINGS_FROM: usize = 16;
+
+fn postings(series: &HashMap<Labels, Series>) -> Postings {
+    let mut p = Postings::new();
+    for labels in series.keys() {
+        for (k, v) in labels.iter() {
+            p.entry(k.to_owned())
+                .or_default()
+                .entry(v.to_owned())
+                .or_default()
+                .push(labels.clone());
+        }
+    }
+    p
+}
+
 /// Bounded history: for each metric name and label set, its points within the retention.
 struct History {
     retention_ms: i64,
     by_name: HashMap<String, HashMap<Labels, Series>>,
+    /// Postings of the metrics selected by equality, built on first need and dropped when the
+    /// metric's set of series changes (rarely: series come and go far less often than rules
+    /// are evaluated).
+    postings: HashMap<String, Postings>,
     /// The series each collector published last time, to mark the ones it stops publishing.
     by_collector: HashMap<String, HashSet<(String, Labels)>>,
     /// Series and points held, kept up to date to publish them without a walk.
@@ -439,6 +498,7 @@ impl History {
         History {
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
             by_name: HashMap::new(),
+            postings: HashMap::new(),
             by_collector: HashMap::new(),
             series: 0,
             points: 0,
@@ -486,6 +546,7 @@ impl History {
             Some(s) => s,
             None => {
                 self.series += 1;
+                self.postings.remove(name);
                 let full = Labels::with_name(labels, name);
                 by_labels.entry(labels.clone()).or_insert(Series {
                     full,
@@ -509,7 +570,9 @@ impl History {
     fn prune(&mut self, now_ms: i64) {
         let cutoff = now_ms.saturating_sub(self.retention_ms);
         let (mut series_gone, mut points_gone) = (0, 0);
-        self.by_name.retain(|_, by_labels| {
+        let postings = &mut self.postings;
+        self.by_name.retain(|name, by_labels| {
+            let before = by_labels.len();
             by_labels.retain(|_, s| {
                 while s.points.front().is_some_and(|p| p.t_ms < cutoff) {
                     s.points.pop_front();
@@ -521,6 +584,9 @@ impl History {
                 }
                 keep
             });
+            if by_labels.len() != before {
+                postings.remove(name);
+            }
             !by_labels.is_empty()
         });
         self.series -= series_gone;
@@ -668,6 +734,38 @@ mod tests {
         assert_eq!(got[0].1.len(), 11);
         assert_eq!(got[0].1[0].v, 89.0);
         assert_eq!(r.history_size(), (1, 11));
+    }
+
+    #[test]
+    fn lookups_by_label_see_series_come_and_go() {
+        let r = Registry::new(Duration::from_secs(10)).unwrap();
+        let devices: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+        let publish = |n: usize, at: i64| {
+            let v: Vec<(&str, &str, f64)> = devices[..n]
+                .iter()
+                .map(|d| ("m", d.as_str(), 1.0))
+                .collect();
+            r.publish("a", fams(&v), at);
+        };
+        let find = |device: &str| {
+            let keep = |_: &str, l: &Labels| l.get("device") == Some(device);
+            let by_lookup = r.select_last(Some("m"), &[("device", device)], keep, 0, i64::MAX);
+            let by_walk = r.select_last(Some("m"), &[], keep, 0, i64::MAX);
+            assert_eq!(format!("{by_lookup:?}"), format!("{by_walk:?}"), "{device}");
+            by_lookup.len()
+        };
+        publish(30, 1_000);
+        assert_eq!(find("d3"), 1);
+        assert_eq!(find("d35"), 0);
+        assert_eq!(find("nope"), 0);
+        // A new series after the lookup table was built is found; an expired one is not.
+        publish(40, 2_000);
+        assert_eq!(find("d35"), 1);
+        // (The others get a stale marker at 30 s, pruned with everything else by 50 s.)
+        r.publish("a", fams(&[("m", "d1", 1.0)]), 30_000);
+        r.publish("a", fams(&[("m", "d1", 1.0)]), 50_000);
+        assert_eq!(find("d3"), 0);
+        assert_eq!(find("d1"), 1);
     }
 
     #[test]

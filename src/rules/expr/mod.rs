@@ -73,8 +73,8 @@ impl SeriesSource for crate::registry::Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
-        let (name, keep) = compiled(matchers);
-        crate::registry::Registry::select(self, name, keep, start_ms, end_ms)
+        let (name, equal, keep) = compiled(matchers);
+        crate::registry::Registry::select(self, name, &equal, keep, start_ms, end_ms)
     }
 
     fn select_last(
@@ -83,17 +83,23 @@ impl SeriesSource for crate::registry::Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Point)> {
-        let (name, keep) = compiled(matchers);
-        crate::registry::Registry::select_last(self, name, keep, start_ms, end_ms)
+        let (name, equal, keep) = compiled(matchers);
+        crate::registry::Registry::select_last(self, name, &equal, keep, start_ms, end_ms)
     }
 }
 
 /// The metric name an equality matcher asks for (a direct lookup in the registry; anything
-/// else walks every name), and a filter for the rest of the matchers, sorted once per
-/// selection rather than once per series.
+/// else walks every name), the label equalities (with a value: `x=""` also matches series
+/// without `x`) that let the registry look series up, and a filter for all the matchers but the
+/// name's equality, sorted once per selection rather than once per series.
+#[allow(clippy::type_complexity)]
 fn compiled(
     matchers: &[promql_parser::label::Matcher],
-) -> (Option<&str>, impl Fn(&str, &Labels) -> bool + '_) {
+) -> (
+    Option<&str>,
+    Vec<(&str, &str)>,
+    impl Fn(&str, &Labels) -> bool + '_,
+) {
     use promql_parser::label::MatchOp;
     let name = matchers
         .iter()
@@ -101,6 +107,11 @@ fn compiled(
         .map(|m| m.value.as_str());
     let (on_name, on_labels): (Vec<&promql_parser::label::Matcher>, Vec<_>) =
         matchers.iter().partition(|m| m.name == NAME);
+    let equal = on_labels
+        .iter()
+        .filter(|m| matches!(m.op, MatchOp::Equal) && !m.value.is_empty())
+        .map(|m| (m.name.as_str(), m.value.as_str()))
+        .collect();
     // The equality one is already answered by the lookup.
     let on_name: Vec<_> = on_name
         .into_iter()
@@ -112,7 +123,7 @@ fn compiled(
                 .iter()
                 .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
     };
-    (name, keep)
+    (name, equal, keep)
 }
 
 /// A parsed expression that `check` accepted.
