@@ -13,25 +13,34 @@ use autotuner::rules::engine::Engine;
 use autotuner::sample::Families;
 use criterion::{Criterion, criterion_group, criterion_main};
 
-/// 100 metric names × 100 instances, published at 0, 5 and 10 s (counters growing).
+// The binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// 100 metric names × 100 instances at step `step` (counters growing).
+fn families(step: i64) -> Vec<autotuner::sample::Family> {
+    let mut f = Families::new();
+    for m in 0..100 {
+        let name = format!("metric_{m}_total");
+        for i in 0..100 {
+            let inst = format!("i{i}");
+            let job = format!("job{}", i % 10);
+            f.counter(
+                &name,
+                "bench",
+                &[("instance", &inst), ("job", &job)],
+                (step * (i + m)) as f64,
+            );
+        }
+    }
+    f.into_vec()
+}
+
+/// The families above published at 0, 5 and 10 s.
 fn registry() -> Arc<Registry> {
     let r = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
     for step in 0..3i64 {
-        let mut f = Families::new();
-        for m in 0..100 {
-            let name = format!("metric_{m}_total");
-            for i in 0..100 {
-                let inst = format!("i{i}");
-                let job = format!("job{}", i % 10);
-                f.counter(
-                    &name,
-                    "bench",
-                    &[("instance", &inst), ("job", &job)],
-                    (step * (i + m)) as f64,
-                );
-            }
-        }
-        r.publish("bench", f.into_vec(), step * 5_000);
+        r.publish("bench", families(step), step * 5_000);
     }
     r
 }
@@ -141,7 +150,24 @@ fn bench(c: &mut Criterion) {
             |b| b.iter(|| black_box(engine.tick_all(10_000))),
         );
     }
+    // A collector's families are encoded when it publishes them and a scrape copies the
+    // encoded text: both halves are measured, for 10,000 series.
     let registry = registry();
+    let families = families(3);
+    let mut at = 20_000;
+    c.bench_function(
+        "publish 10,000 series (encode, append to the history)",
+        |b| {
+            b.iter_batched(
+                || families.clone(),
+                |f| {
+                    at += 5_000;
+                    registry.publish("bench", f, at);
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        },
+    );
     c.bench_function("render /metrics: 10,000 series", |b| {
         b.iter(|| black_box(registry.render().len()))
     });

@@ -159,6 +159,11 @@ impl Labels {
     /// The value of label `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
         let pairs = &self.0.pairs;
+        // Most sets have a handful of labels: comparing for equality (lengths first) beats
+        // ordering comparisons in a binary search there.
+        if pairs.len() <= 8 {
+            return pairs.iter().find(|(k, _)| **k == *name).map(|(_, v)| &**v);
+        }
         pairs
             .binary_search_by(|(k, _)| (**k).cmp(name))
             .ok()
