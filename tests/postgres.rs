@@ -1,7 +1,7 @@
 //! The PostgreSQL and PgBouncer collectors against the real servers scripts/test provisions:
 //! slow statements and mean latency from pg_stat_statements, idle connections (ours left out),
 //! a PgBouncer pool with waiting clients, misconfigured targets, and a statement stuck behind
-//! a lock being cancelled on the server.
+//! a lock being cancelled on the server, the connection limits and database sizes.
 //!
 //! The tests share one server whose statistics are global, so they run one at a time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -193,6 +193,87 @@ async fn idle_connections_are_counted_and_ours_are_not() {
     drop(extra);
     app.scrape_until(Duration::from_secs(5), "the idle connections gone", |s| {
         s.value("pg_stat_activity_count", &idle) == Some(idle_before)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connection_limits_and_database_sizes_match_the_server() {
+    let Some(env) = PgEnv::get() else { return };
+    let _serial = SERIAL.lock().await;
+    let admin = pg_connect(&env.url).await;
+    // A database from an earlier, interrupted run would be counted as already present.
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS autotuner_sizes")
+        .await
+        .unwrap();
+    let (app, _dir) = start(&env, "", &[("main", env.monitor_url.clone())]).await;
+    let test_db = [("target", "main"), ("datname", "autotuner_test")];
+    let first = app
+        .scrape_until(Duration::from_secs(5), "database sizes", |s| {
+            s.value("pg_database_size_bytes", &test_db).is_some()
+        })
+        .await;
+    let row = admin
+        .query_one(
+            "SELECT current_setting('max_connections')::float8, \
+             current_setting('superuser_reserved_connections')::float8, \
+             current_setting('reserved_connections', true)::float8, \
+             pg_database_size('autotuner_test')::float8, \
+             current_setting('server_version_num')::int4",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (max, superuser, reserved, size, version): (f64, f64, Option<f64>, f64, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(first.value("pg_settings_max_connections", &MAIN), Some(max));
+    assert_eq!(
+        first.value("pg_settings_superuser_reserved_connections", &MAIN),
+        Some(superuser)
+    );
+    assert_eq!(
+        first.value("pg_settings_reserved_connections", &MAIN),
+        reserved
+    );
+    assert_eq!(reserved.is_some(), version >= 160_000);
+    // Other tests write to the database meanwhile: the size is close, not equal.
+    let published = first.value("pg_database_size_bytes", &test_db).unwrap();
+    assert!(
+        published > 0.0 && (published - size).abs() <= size * 0.25,
+        "published {published} bytes, the server says {size}"
+    );
+
+    // A database created after start gets its size at the next collection, not a minute later.
+    admin
+        .batch_execute("CREATE DATABASE autotuner_sizes")
+        .await
+        .unwrap();
+    let new_db = [("target", "main"), ("datname", "autotuner_sizes")];
+    let later = app
+        .scrape_until(Duration::from_secs(5), "the new database's size", |s| {
+            s.value("pg_database_size_bytes", &new_db).is_some()
+        })
+        .await;
+    let expected: f64 = admin
+        .query_one("SELECT pg_database_size('autotuner_sizes')::float8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let got = later.value("pg_database_size_bytes", &new_db).unwrap();
+    // Nobody writes to the new database; autovacuum may still touch a page of it.
+    assert!(
+        (got - expected).abs() <= expected * 0.05,
+        "published {got} bytes, the server says {expected}"
+    );
+    // And a dropped one leaves with its size.
+    admin
+        .batch_execute("DROP DATABASE autotuner_sizes WITH (FORCE)")
+        .await
+        .unwrap();
+    app.scrape_until(Duration::from_secs(5), "the dropped database gone", |s| {
+        s.value("pg_database_size_bytes", &new_db).is_none()
+            && s.value("pg_stat_database_numbackends", &new_db).is_none()
     })
     .await;
 }

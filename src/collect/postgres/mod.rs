@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 use tokio_postgres::NoTls;
 
-use super::window::CounterWindow;
 use super::{CollectError, Collector};
 use crate::sample::Families;
 use crate::settings::PostgresConfig;
@@ -40,8 +39,7 @@ pub struct PostgresCollector {
     handle: PgHandle,
     config: PostgresConfig,
     deadline: Duration,
-    /// Buffer hits and reads per database, for the windowed cache hit ratio.
-    blocks: std::collections::HashMap<String, CounterWindow>,
+    databases: database::State,
     statements: statements::State,
     last_failure: Option<FailureReason>,
     /// Whether we said that pg_stat_statements is missing (said once, not every run).
@@ -99,7 +97,7 @@ impl PostgresCollector {
             statements: statements::State::new(config.window),
             handle,
             config,
-            blocks: std::collections::HashMap::new(),
+            databases: database::State::default(),
             last_failure: None,
             told_no_statements: false,
         }
@@ -157,7 +155,7 @@ impl PostgresCollector {
         };
         let r = activity::collect(&mut run, usable, self.config.slow_query_threshold).await;
         note(r, &self.handle);
-        let r = database::collect(&mut run, &mut self.blocks, self.config.window).await;
+        let r = database::collect(&mut run, &mut self.databases, self.config.window).await;
         note(r, &self.handle);
         if version >= MIN_SERVER_VERSION {
             match statements::collect(&mut run, &mut self.statements, &self.config).await {
