@@ -10,7 +10,9 @@
 //! or dead target can never slow `/metrics`, and concurrent scrapes never contend with
 //! collection for more than a pointer swap.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -369,7 +371,7 @@ impl Registry {
 /// label set seen twice keeps its first value.
 fn encode_merged(snapshots: &[Arc<Vec<Family>>]) -> String {
     let mut order: Vec<&str> = Vec::new();
-    let mut merged: HashMap<&str, (proto::MetricFamily, HashSet<&Labels>)> = HashMap::new();
+    let mut merged: HashMap<&str, (proto::MetricFamily, HashSet<&Labels>)> = HashMap::default();
     for families in snapshots {
         for family in families.iter() {
             if family.samples.is_empty() {
@@ -384,7 +386,7 @@ fn encode_merged(snapshots: &[Arc<Vec<Family>>]) -> String {
                     MetricKind::Gauge => proto::MetricType::GAUGE,
                     MetricKind::Counter => proto::MetricType::COUNTER,
                 });
-                (mf, HashSet::new())
+                (mf, HashSet::default())
             });
             for sample in &family.samples {
                 if !seen.insert(&sample.labels) {
@@ -465,7 +467,7 @@ type Postings = HashMap<String, HashMap<String, Vec<Labels>>>;
 const POSTINGS_FROM: usize = 16;
 
 fn postings(series: &HashMap<Labels, Series>) -> Postings {
-    let mut p = Postings::new();
+    let mut p = Postings::default();
     for labels in series.keys() {
         for (k, v) in labels.iter() {
             p.entry(k.to_owned())
@@ -497,16 +499,16 @@ impl History {
     fn new(retention: Duration) -> Self {
         History {
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-            by_name: HashMap::new(),
-            postings: HashMap::new(),
-            by_collector: HashMap::new(),
+            by_name: HashMap::default(),
+            postings: HashMap::default(),
+            by_collector: HashMap::default(),
             series: 0,
             points: 0,
         }
     }
 
     fn append(&mut self, collector: &str, families: &[Family], at_ms: i64) {
-        let mut now_present: HashSet<(String, Labels)> = HashSet::new();
+        let mut now_present: HashSet<(String, Labels)> = HashSet::default();
         for family in families {
             for sample in &family.samples {
                 self.push(

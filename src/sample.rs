@@ -35,14 +35,25 @@ struct Inner {
     bare: Option<Labels>,
 }
 
-/// The hash a label set carries. A fixed-key hasher: the same set hashes the same in every
-/// process (the value only feeds in-memory maps, so a fixed key is no denial-of-service concern
-/// beyond what the label values, which we collect ourselves, allow).
+/// The hash a label set carries: FxHash (fast on short strings) with a key chosen at random
+/// when the process starts, so that label values (which come from the monitored services and,
+/// through the webhook receiver, from Alertmanager) cannot be chosen to collide. The maps keyed
+/// by label sets use this hash as it is (`FxHashMap`), without hashing it again.
 fn hash_of(pairs: &[(Arc<str>, Arc<str>)]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = hasher();
     pairs.hash(&mut h);
     h.finish()
+}
+
+/// A hasher with the process's random key, for hashes of labels (label sets, match signatures).
+pub fn hasher() -> rustc_hash::FxHasher {
+    static SEED: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        use std::hash::BuildHasher as _;
+        // Truncation on 32-bit targets is fine: any bits of a random value are random.
+        std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) as usize
+    });
+    rustc_hash::FxHasher::with_seed(*SEED)
 }
 
 /// The label that holds the metric name in a series' full label set.
@@ -57,7 +68,13 @@ impl Default for Labels {
 impl PartialEq for Labels {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
-            || (self.0.hash == other.0.hash && self.0.pairs == other.0.pairs)
+            || (self.0.hash == other.0.hash
+                && self.0.pairs.len() == other.0.pairs.len()
+                && self.0.pairs.iter().zip(other.0.pairs.iter()).all(|(a, b)| {
+                    // Sets derived from one another share their strings: no bytes compared.
+                    (Arc::ptr_eq(&a.0, &b.0) || a.0 == b.0)
+                        && (Arc::ptr_eq(&a.1, &b.1) || a.1 == b.1)
+                }))
     }
 }
 

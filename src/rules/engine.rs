@@ -12,7 +12,9 @@
 //! success the new set replaces the old at once; rules whose definition did not change keep
 //! their pending and firing state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -114,7 +116,7 @@ struct Loaded {
 
 /// What the rules have in common (see `Loaded::shared`).
 fn sharing(rules: &[Rule]) -> (Arc<HashSet<String>>, HashSet<String>) {
-    let mut count: HashMap<String, usize> = HashMap::new();
+    let mut count: HashMap<String, usize> = HashMap::default();
     let keys: Vec<Vec<String>> = rules
         .iter()
         .map(|r| {
@@ -285,10 +287,10 @@ impl Engine {
             state_file: data_dir.map(|d| d.join("rule_state.json")),
             inner: Mutex::new(Loaded {
                 rules: Vec::new(),
-                runtime: HashMap::new(),
+                runtime: HashMap::default(),
                 reload: ReloadStatus::default(),
                 shared: Arc::default(),
-                sharing: HashSet::new(),
+                sharing: HashSet::default(),
             }),
             requests,
             metrics,
@@ -338,7 +340,7 @@ impl Engine {
             .map(|r| (r.name.clone(), fingerprint(r)))
             .collect();
         let mut runtime = std::mem::take(&mut inner.runtime);
-        let mut next = HashMap::new();
+        let mut next = HashMap::default();
         for r in &loaded.rules {
             let keep = old.get(&r.name).is_some_and(|f| *f == fingerprint(r));
             let rt = if keep {
@@ -896,9 +898,9 @@ fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> 
             .collect()),
         // A scalar condition holds when it is non-zero (`bool` comparisons give 0 or 1).
         Value::Scalar(x) => Ok(if x != 0.0 && !x.is_nan() {
-            HashMap::from([(with_rule_labels(&Labels::empty(), rule), x)])
+            HashMap::from_iter([(with_rule_labels(&Labels::empty(), rule), x)])
         } else {
-            HashMap::new()
+            HashMap::default()
         }),
         Value::Matrix(_) => Err("the condition evaluates to a range vector".into()),
     }

@@ -1,7 +1,7 @@
 //! Evaluation of a checked expression at one instant, with Prometheus's semantics for
 //! selectors (lookback, staleness), vector matching, name dropping and aggregation.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::time::Duration;
 
 use promql_parser::label::{MatchOp, Matcher};
@@ -230,7 +230,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         };
         let id = a.op.id();
         let mut groups: Vec<(Labels, Group)> = Vec::new();
-        let mut index: HashMap<Labels, usize> = HashMap::new();
+        let mut index: HashMap<Labels, usize> = HashMap::default();
         for s in input {
             let key = grouping(&s.labels, a.modifier.as_ref());
             let i = *index.entry(key.clone()).or_insert_with(|| {
@@ -401,7 +401,7 @@ pub(super) fn drop_name(labels: &Labels) -> Labels {
 
 /// Refuses a vector in which two samples have the same labels (after a name was dropped).
 pub(super) fn unique(v: Vec<Sample>) -> Result<Vec<Sample>, String> {
-    let mut seen = HashSet::with_capacity(v.len());
+    let mut seen = HashSet::with_capacity_and_hasher(v.len(), Default::default());
     for s in &v {
         if !seen.insert(&s.labels) {
             return Err("vector cannot contain metrics with the same labelset".into());
@@ -477,7 +477,7 @@ fn vector_scalar(
 fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let matching = modifier.and_then(|m| m.matching.as_ref());
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = crate::sample::hasher();
     for (k, v) in labels.iter() {
         let compared = match matching {
             Some(LabelModifier::Include(on)) => on.labels.iter().any(|l| l == k),
@@ -543,7 +543,8 @@ fn matched(
     // The "many" side drives the match; for group_right that is the right-hand side.
     let one_to_many = matches!(card, VectorMatchCardinality::OneToMany(_));
     let (many, one) = if one_to_many { (rhs, lhs) } else { (lhs, rhs) };
-    let mut by_sig: HashMap<u64, &Sample> = HashMap::with_capacity(one.len());
+    let mut by_sig: HashMap<u64, &Sample> =
+        HashMap::with_capacity_and_hasher(one.len(), Default::default());
     for s in &one {
         if by_sig.insert(signature(&s.labels, modifier), s).is_some() {
             let side = if one_to_many { "left" } else { "right" };
@@ -553,8 +554,8 @@ fn matched(
         }
     }
     let include: Vec<String> = card.labels().map(|l| l.labels.clone()).unwrap_or_default();
-    let mut matched_sigs: HashSet<u64> = HashSet::new();
-    let mut out_labels: HashSet<Labels> = HashSet::new();
+    let mut matched_sigs: HashSet<u64> = HashSet::default();
+    let mut out_labels: HashSet<Labels> = HashSet::default();
     let mut out = Vec::new();
     for m in &many {
         let sig = signature(&m.labels, modifier);
