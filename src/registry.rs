@@ -11,14 +11,13 @@
 //! collection for more than a pointer swap.
 
 use std::collections::{BTreeMap, VecDeque};
-
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus::core::Collector as _;
 use prometheus::proto;
 use prometheus::{Gauge, GaugeVec, IntCounterVec, Opts};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::sample::{Family, Labels, MetricKind};
 

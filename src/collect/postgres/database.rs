@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use super::super::window::{CounterWindow, share};
 use super::{MARK, Run, labels_with};
 
-/// Column → counter metric (postgres_exporter's names, kept without `_total` so existing
-/// dashboards work; the README lists them as promtool exceptions).
 /// How often database sizes are read again (and whenever a database appears).
 pub(super) const SIZE_EVERY: Duration = Duration::from_secs(60);
 
@@ -45,6 +43,8 @@ pub(super) struct State {
     sizes: Sizes,
 }
 
+/// Column → counter metric (postgres_exporter's names, kept without `_total` so existing
+/// dashboards work; the README lists them as promtool exceptions).
 const COUNTERS: &[(&str, &str)] = &[
     ("xact_commit", "Transactions committed."),
     ("xact_rollback", "Transactions rolled back."),

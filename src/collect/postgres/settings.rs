@@ -45,7 +45,6 @@ pub(super) async fn collect(run: &mut Run<'_>) -> Result<Option<f64>, tokio_post
             r,
         );
     }
-    let max = Some(max);
-    let reserved = superuser + reserved.unwrap_or(0.0);
-    Ok(max.map(|m| m - reserved).filter(|u| *u > 0.0))
+    let usable = max - superuser - reserved.unwrap_or(0.0);
+    Ok(Some(usable).filter(|u| *u > 0.0))
 }

@@ -1,7 +1,6 @@
 //! Evaluation of a checked expression at one instant, with Prometheus's semantics for
 //! selectors (lookback, staleness), vector matching, name dropping and aggregation.
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::time::Duration;
 
 use promql_parser::label::{MatchOp, Matcher};
@@ -13,6 +12,7 @@ use promql_parser::parser::{
     AggregateExpr, BinModifier, BinaryExpr, Expr, LabelModifier, Offset, VectorMatchCardinality,
     VectorSelector,
 };
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{LOOKBACK, NAME, Query, SeriesSource, functions};
 use crate::registry::{Point, is_stale_marker};
@@ -375,10 +375,16 @@ pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
 fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
     match modifier {
         None => Labels::empty(),
-        Some(LabelModifier::Include(keep)) => labels.retain(|k| keep.labels.iter().any(|l| l == k)),
-        Some(LabelModifier::Exclude(drop)) => {
-            labels.retain(|k| k != NAME && !drop.labels.iter().any(|l| l == k))
-        }
+        Some(_) => labels.retain(|k| grouped(k, modifier)),
+    }
+}
+
+/// Whether label `k` is part of a sample's group under `modifier`.
+fn grouped(k: &str, modifier: Option<&LabelModifier>) -> bool {
+    match modifier {
+        None => false,
+        Some(LabelModifier::Include(keep)) => keep.labels.iter().any(|l| l == k),
+        Some(LabelModifier::Exclude(drop)) => k != NAME && !drop.labels.iter().any(|l| l == k),
     }
 }
 
@@ -386,16 +392,9 @@ fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
 fn grouping_hash(labels: &Labels, modifier: Option<&LabelModifier>) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = crate::sample::hasher();
-    for (k, v) in labels.iter() {
-        let kept = match modifier {
-            None => false,
-            Some(LabelModifier::Include(keep)) => keep.labels.iter().any(|l| l == k),
-            Some(LabelModifier::Exclude(drop)) => k != NAME && !drop.labels.iter().any(|l| l == k),
-        };
-        if kept {
-            k.hash(&mut h);
-            v.hash(&mut h);
-        }
+    for (k, v) in labels.iter().filter(|(k, _)| grouped(k, modifier)) {
+        k.hash(&mut h);
+        v.hash(&mut h);
     }
     h.finish()
 }
