@@ -240,6 +240,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     registry
         .register(Box::new(auth.metric()))
         .context("registering the admin API's metrics")?;
+    if let Some(c) = crate::statefile::error_counter() {
+        registry
+            .register(c)
+            .context("registering the state files' metrics")?;
+    }
     let admin = Admin {
         actions: Some(actions.clone()),
         auth: Arc::new(auth),

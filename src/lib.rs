@@ -22,6 +22,7 @@
 //! - [`settings`]: flags and the configuration file, validated once.
 //! - [`yaml`]: located YAML decoding (every error with line and column).
 //! - [`shutdown`]: the shutdown token and OS signals.
+//! - [`statefile`]: durable, single-writer state files in the data directory.
 //! - [`sample`]: samples, label sets, families.
 //! - [`registry`]: latest snapshots, history, the exposition and the self-metrics.
 //! - [`targets`]: connection handles to the monitored services, shared by collectors and
@@ -35,7 +36,7 @@
 //! # The dependency rule
 //!
 //! Data flows one way: collect → registry → rules → actions → audit. A stage uses the shared
-//! base (`sample`, `registry`, `settings`, `shutdown`, `targets`, `yaml`) and the input types of the next
+//! base (`sample`, `registry`, `settings`, `shutdown`, `statefile`, `targets`, `yaml`) and the input types of the next
 //! stage only. Collectors never see rules; actions never import rules; audit imports nothing of
 //! ours; `http` reads the registry; nothing imports `app`.
 
@@ -50,5 +51,6 @@ pub mod rules;
 pub mod sample;
 pub mod settings;
 pub mod shutdown;
+pub mod statefile;
 pub mod targets;
 pub mod yaml;
