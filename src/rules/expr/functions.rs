@@ -25,11 +25,11 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         "abs" => map(ev, args, |v| Some(v.abs())),
         "clamp_min" => {
             let lo = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
-            map(ev, args, |v| Some(v.max(lo)))
+            map(ev, args, |v| Some(go_max(v, lo)))
         }
         "clamp_max" => {
             let hi = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
-            map(ev, args, |v| Some(v.min(hi)))
+            map(ev, args, |v| Some(go_min(v, hi)))
         }
         "clamp" => {
             let lo = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
@@ -37,7 +37,7 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             if hi < lo {
                 return Ok(Value::Vector(Vec::new()));
             }
-            map(ev, args, |v| Some(v.max(lo).min(hi)))
+            map(ev, args, |v| Some(go_max(lo, go_min(hi, v))))
         }
         "rate" | "increase" | "delta" => {
             let RangeArg {
@@ -80,6 +80,25 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             Ok(Value::Vector(unique(out)?))
         }
         other => Err(format!("function `{other}` is not supported")),
+    }
+}
+
+/// Go's `math.Max`, which Prometheus's `clamp*` use: NaN in, NaN out (Rust's `f64::max`
+/// returns the other operand, which would turn an idle cache's NaN ratio into a bound).
+fn go_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Go's `math.Min`: NaN in, NaN out.
+fn go_min(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.min(b)
     }
 }
 
