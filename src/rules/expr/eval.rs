@@ -582,6 +582,12 @@ fn matched(
         let Some(o) = by_sig.get(&sig) else {
             continue;
         };
+        // Prometheus 3 reports duplicates on the many side before a comparison filters them
+        // (operators.test: "track many-to-one vector matching errors even when all but 0 or 1
+        // series on the many side are filtered away"); Prometheus 2 checked after filtering.
+        if matches!(card, VectorMatchCardinality::OneToOne) && !matched_sigs.insert(sig) {
+            return Err("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)".into());
+        }
         let (l, r) = if one_to_many {
             (o.value, m.value)
         } else {
@@ -590,11 +596,6 @@ fn matched(
         let (value, keep) = scalar_op(op, l, r)?;
         if comparison && !return_bool && !keep {
             continue;
-        }
-        // As Prometheus: duplicates on the many side are an error only among the samples a
-        // comparison keeps, so `foo > on(job) bar` with one of two `foo` per job passing works.
-        if matches!(card, VectorMatchCardinality::OneToOne) && !matched_sigs.insert(sig) {
-            return Err("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)".into());
         }
         let value = if comparison && return_bool {
             if keep { 1.0 } else { 0.0 }
