@@ -422,7 +422,11 @@ async fn a_hung_mount_is_cut_off_at_the_timeout_and_the_next_collection_fails_fa
     )
     .unwrap();
     let holder = FuseHolder(helper);
-    assert_eq!(line.trim(), "mounted", "mounting the hung filesystem failed");
+    assert_eq!(
+        line.trim(),
+        "mounted",
+        "mounting the hung filesystem failed"
+    );
 
     // The collection that meets the mount is cut off at the 3 s timeout...
     let s = app

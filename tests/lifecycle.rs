@@ -61,16 +61,16 @@ async fn ready_is_503_until_the_first_collection_round_has_finished() {
     let early = c.get(app.url("/-/ready")).send().await.unwrap();
     assert_eq!(early.status(), 503);
     assert!(
-        early.text().await.unwrap().contains("first collection round"),
+        early
+            .text()
+            .await
+            .unwrap()
+            .contains("first collection round"),
         "the 503 says why"
     );
     // Liveness is a different question: the process is healthy all along.
     assert_eq!(
-        c.get(app.url("/-/healthy"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        c.get(app.url("/-/healthy")).send().await.unwrap().status(),
         200
     );
 
@@ -115,10 +115,7 @@ fn a_request_in_flight_at_sigterm_is_answered_within_the_grace_period() {
         format!("tokens:\n  - {{name: oncall, role: operate, token: {operate}}}\n"),
     )
     .unwrap();
-    let mut app = Autotuner::start(
-        &[&format!("--web.tokens-file={}", tokens.display())],
-        &[],
-    );
+    let mut app = Autotuner::start(&[&format!("--web.tokens-file={}", tokens.display())], &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(app.wait_ready());
 
@@ -148,7 +145,13 @@ fn a_request_in_flight_at_sigterm_is_answered_within_the_grace_period() {
     );
     // The process waits for the request rather than exiting under it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !app.log.lock().unwrap().iter().any(|l| l.contains("shutting down")) {
+    while !app
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("shutting down"))
+    {
         assert!(Instant::now() < deadline, "no shutdown after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -186,4 +189,29 @@ fn a_request_in_flight_at_sigterm_is_answered_within_the_grace_period() {
         !log.contains("still open after the grace period"),
         "the request was cut off: {log}"
     );
+}
+
+/// The harness gives the binary an empty rules directory unless a test names one, so a shipped
+/// rule (loaded from the crate root's `./rules` otherwise) can never act on a test's target.
+#[tokio::test]
+async fn the_harness_starts_the_binary_without_the_shipped_rules() {
+    let app = Autotuner::start(&[], &[]).await_ready().await;
+    let s = app
+        .scrape_until(Duration::from_secs(10), "a rules reload", |s| {
+            s.value("autotuner_rules_last_reload_successful", &[]) == Some(1.0)
+        })
+        .await;
+    assert_eq!(s.value("autotuner_rules_loaded", &[]), Some(0.0));
+    // The shipped rules are still there for the tests that name them.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let app = Autotuner::start(&["--rules.dir", shipped], &[])
+        .await_ready()
+        .await;
+    let s = app
+        .scrape_until(Duration::from_secs(10), "the shipped rules", |s| {
+            s.value("autotuner_rules_loaded", &[])
+                .is_some_and(|n| n > 0.0)
+        })
+        .await;
+    assert!(s.value("autotuner_rules_loaded", &[]).unwrap() >= 4.0);
 }

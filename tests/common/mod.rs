@@ -342,7 +342,10 @@ pub fn spawn_on_free_port(
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{what} did not listen on {port} within 30 s; log:\n{}", log());
+                panic!(
+                    "{what} did not listen on {port} within 30 s; log:\n{}",
+                    log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -398,7 +401,14 @@ impl RedisServer {
         // Each attempt's log on its own: an earlier "address in use" must not fail a retry.
         let _ = std::fs::remove_file(self.log_path());
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args([
                 "--appendonly",
                 "no",
@@ -407,7 +417,11 @@ impl RedisServer {
                 "--logfile",
                 self.log_path().to_str().unwrap(),
             ])
-            .args(self.args.iter().map(|a| a.replace("{port}", &port.to_string())))
+            .args(
+                self.args
+                    .iter()
+                    .map(|a| a.replace("{port}", &port.to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -542,7 +556,9 @@ impl PgEnv {
                 bin,
             }),
             _ => {
-                not_run("no provisioned PostgreSQL: AUTOTUNER_TEST_PG_* not set (scripts/test provisions it)");
+                not_run(
+                    "no provisioned PostgreSQL: AUTOTUNER_TEST_PG_* not set (scripts/test provisions it)",
+                );
                 None
             }
         }
@@ -558,6 +574,93 @@ impl PgEnv {
             u.set_path(&format!("/{d}"));
         }
         u.to_string()
+    }
+}
+
+/// A database of the test's own on the provisioned server, with `pg_stat_statements` created
+/// in it, dropped (with its connections) when dropped. Tests whose assertions count statements
+/// or connections use one, so test binaries running in parallel cannot disturb each other: a
+/// statement-statistics reset is then limited to this database
+/// (`pg_stat_statements_reset(0, <its oid>, 0)`), never the whole server's.
+pub struct ScratchDb {
+    pub name: String,
+    /// As the superuser.
+    pub url: String,
+    /// As the `pg_monitor` role.
+    pub monitor_url: String,
+    admin_url: String,
+}
+
+impl PgEnv {
+    /// Creates a [`ScratchDb`] named `<prefix>_<pid>_<n>`.
+    pub async fn scratch_db(&self, prefix: &str) -> ScratchDb {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("{prefix}_{}_{n}", std::process::id());
+        let admin = pg_connect(&self.url).await;
+        // Two statements: a multi-statement string runs as one transaction, which neither
+        // allows.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let with_db = |u: &str| {
+            let mut u = url::Url::parse(u).unwrap();
+            u.set_path(&format!("/{name}"));
+            u.to_string()
+        };
+        let db = ScratchDb {
+            url: with_db(&self.url),
+            monitor_url: with_db(&self.monitor_url),
+            admin_url: self.url.clone(),
+            name,
+        };
+        pg_connect(&db.url)
+            .await
+            .batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await
+            .unwrap();
+        db
+    }
+}
+
+impl ScratchDb {
+    /// Forgets the statement statistics of this database only.
+    pub async fn reset_statements(&self, client: &tokio_postgres::Client) {
+        client
+            .batch_execute(
+                "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+            )
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Async cleanup from a synchronous drop: on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
