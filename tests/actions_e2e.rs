@@ -75,11 +75,18 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Keeps both cores busy until dropped: real CPU pressure for the host collector to see.
-struct Burn(Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+/// Keeps both cores busy until dropped: real CPU pressure for the host collector to see. It
+/// holds the machine's CPUs exclusively (`common::CpuHold`) for as long, so no test that bounds
+/// a duration, in this binary or another running in parallel, shares its window.
+struct Burn(
+    Arc<AtomicBool>,
+    Vec<std::thread::JoinHandle<()>>,
+    common::CpuHold,
+);
 
 impl Burn {
     fn start() -> Burn {
+        let hold = common::CpuHold::exclusive();
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..std::thread::available_parallelism().map_or(2, |n| n.get()))
             .map(|_| {
@@ -94,7 +101,7 @@ impl Burn {
                 })
             })
             .collect();
-        Burn(stop, threads)
+        Burn(stop, threads, hold)
     }
 }
 

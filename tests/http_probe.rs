@@ -35,8 +35,15 @@ async fn start_app_server() -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn probes_measure_slow_failing_redirected_and_refused_endpoints() {
+    // The slow probe's duration is bounded below by the endpoint and above by the timeout:
+    // no CPU burn from another test in its window.
+    let _cpu = common::CpuHold::shared();
     let server = start_app_server().await;
-    let refused = common::free_port();
+    // A port held by a socket that is bound but not listening: connections to it are refused,
+    // and no other process can take it and answer while the test runs.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused = held.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let file = write_config(
         &dir,

@@ -8,6 +8,8 @@ use autotuner::rules::expr::{Evaluator, Query};
 use autotuner::rules::file::RuleFileSpec;
 use autotuner::yaml;
 use proptest::prelude::*;
+use std::sync::mpsc;
+use std::time::Duration;
 
 const PROMQL_TOKENS: &[&str] = &[
     "x",
@@ -110,12 +112,44 @@ fn soup(tokens: &'static [&'static str], sep: &'static str) -> impl Strategy<Val
     prop::collection::vec(prop::sample::select(tokens), 0..40).prop_map(move |v| v.join(sep))
 }
 
+/// How long one case may take before it counts as a hang: far above what any case needs (well
+/// under a millisecond), even on a loaded machine.
+const CASE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs `check` on `text` in its own thread and fails if it does not finish within
+/// [`CASE_LIMIT`] ("never hangs", asserted rather than assumed); a panic inside is re-raised.
+fn within_limit(text: &str, check: fn(&str)) {
+    let owned = text.to_owned();
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let outcome = std::panic::catch_unwind(|| check(&owned));
+        let _ = tx.send(());
+        outcome
+    });
+    match rx.recv_timeout(CASE_LIMIT) {
+        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join().unwrap() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        // The hung thread is left behind: the failure ends the test binary's run of this test.
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("still running after {CASE_LIMIT:?} (a hang) on input {text:?}")
+        }
+    }
+}
+
 fn check_yaml(text: &str) {
     let partial = yaml::from_str_partial::<RuleFileSpec>(text);
     for d in &partial.diagnostics {
         assert!(d.line >= 1 && d.column >= 1, "{d:?}");
         assert!(!d.message.trim().is_empty(), "{d:?}");
     }
+    // A document that yields nothing must say why: never a silent rejection.
+    assert!(
+        partial.value.is_some() || !partial.diagnostics.is_empty(),
+        "no value and no diagnostic for {text:?}"
+    );
 }
 
 fn check_promql(text: &str) {
@@ -133,18 +167,18 @@ proptest! {
 
     #[test]
     fn arbitrary_text_never_panics_the_loader(text in "\\PC{0,200}") {
-        check_yaml(&text);
-        check_promql(&text);
+        within_limit(&text, check_yaml);
+        within_limit(&text, check_promql);
     }
 
     #[test]
     fn yaml_shaped_noise_never_panics_the_loader(text in soup(YAML_TOKENS, "\n")) {
-        check_yaml(&text);
+        within_limit(&text, check_yaml);
     }
 
     #[test]
     fn promql_shaped_noise_never_panics(text in soup(PROMQL_TOKENS, " ")) {
-        check_promql(&text);
-        check_yaml(&format!("groups:\n  - name: g\n    rules:\n      - name: A\n        expr: '{}'\n", text.replace('\'', "''")));
+        within_limit(&text, check_promql);
+        within_limit(&format!("groups:\n  - name: g\n    rules:\n      - name: A\n        expr: '{}'\n", text.replace('\'', "''")), check_yaml);
     }
 }

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Autotuner, PgEnv, RedisServer, free_port, pg_connect, require, write_config};
+use common::{Autotuner, PgEnv, RedisServer, pg_connect, require, write_config};
 use promql_parser::parser::{self, Expr};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -903,21 +903,37 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(name: &'static str, program: &Path, args: &[String], dir: &Path) -> Daemon {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(program)
+    /// Starts the program with its output in `log` (truncated first: each attempt's own).
+    fn spawn(name: &str, program: &Path, args: &[String], dir: &Path, log: &Path) -> Child {
+        let out = std::fs::File::create(log).unwrap();
+        Command::new(program)
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Daemon { name, child, log }
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"))
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Starts the daemon on a free port given by `args(port)`, on another port when another
+    /// process took the chosen one before the daemon bound it (`common::spawn_on_free_port`).
+    fn start_on_free_port(
+        name: &'static str,
+        program: &Path,
+        args: impl Fn(u16) -> Vec<String>,
+        dir: &Path,
+    ) -> (u16, Daemon) {
+        let log = dir.join(format!("{name}.log"));
+        let (port, child) = common::spawn_on_free_port(
+            name,
+            |port| Daemon::spawn(name, program, &args(port), dir, &log),
+            || std::fs::read_to_string(&log).unwrap_or_default(),
+        );
+        (port, Daemon { name, child, log })
     }
 }
 
@@ -1295,20 +1311,21 @@ knobs:
     }
     let am_file = dir.path().join("alertmanager.yml");
     std::fs::write(&am_file, serde_yaml::to_string(&am_config).unwrap()).unwrap();
-    let am_port = free_port();
-    let am = format!("http://127.0.0.1:{am_port}");
-    let am_daemon = Daemon::start(
+    let (am_port, am_daemon) = Daemon::start_on_free_port(
         "alertmanager",
         &alertmanager,
-        &[
-            format!("--config.file={}", am_file.display()),
-            format!("--storage.path={}", dir.path().join("am-data").display()),
-            format!("--web.listen-address=127.0.0.1:{am_port}"),
-            // No cluster: no gossip port of its own, and no wait for peers.
-            "--cluster.listen-address=".into(),
-        ],
+        |port| {
+            vec![
+                format!("--config.file={}", am_file.display()),
+                format!("--storage.path={}", dir.path().join("am-data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+                // No cluster: no gossip port of its own, and no wait for peers.
+                "--cluster.listen-address=".into(),
+            ]
+        },
         dir.path(),
     );
+    let am = format!("http://127.0.0.1:{am_port}");
 
     // Prometheus scraping the autotuner every second, evaluating a copy of alerts/ every second.
     for f in files("alerts", ".rules.yml") {
@@ -1318,8 +1335,6 @@ knobs:
         )
         .unwrap();
     }
-    let prom_port = free_port();
-    let prom = format!("http://127.0.0.1:{prom_port}");
     std::fs::write(
         dir.path().join("prometheus.yml"),
         format!(
@@ -1335,19 +1350,22 @@ scrape_configs:
         ),
     )
     .unwrap();
-    let prom_daemon = Daemon::start(
+    let (prom_port, prom_daemon) = Daemon::start_on_free_port(
         "prometheus",
         &prometheus,
-        &[
-            format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ),
-            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
-            format!("--web.listen-address=127.0.0.1:{prom_port}"),
-        ],
+        |port| {
+            vec![
+                format!(
+                    "--config.file={}",
+                    dir.path().join("prometheus.yml").display()
+                ),
+                format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ]
+        },
         dir.path(),
     );
+    let prom = format!("http://127.0.0.1:{prom_port}");
     for (what, url) in [
         ("Alertmanager ready", format!("{am}/-/ready")),
         ("Prometheus ready", format!("{prom}/-/ready")),

@@ -182,6 +182,7 @@ async fn a_dead_then_restarted_server_without_restarting_us() {
     };
     let (app, _dir) = watch_one(&server, "1m").await;
     let t = [("target", "cache")];
+    let _cpu = common::CpuHold::shared();
     let before = common::scrape_median(&app, 21).await;
 
     server.kill();
@@ -203,7 +204,7 @@ async fn a_dead_then_restarted_server_without_restarting_us() {
         Some(1.0)
     );
     let during = common::scrape_median(&app, 21).await;
-    eprintln!("median scrape: {before:?} with Redis up, {during:?} with Redis down");
+    common::assert_scrapes_unaffected(before, during, "Redis down");
 
     server.restart();
     app.scrape_until(Duration::from_secs(5), "redis_up back to 1", |s| {
@@ -219,6 +220,8 @@ async fn a_hung_server_times_out_without_slowing_metrics() {
     };
     let (app, _dir) = watch_one(&server, "1m").await;
     let t = [("target", "cache")];
+    let _cpu = common::CpuHold::shared();
+    let before = common::scrape_median(&app, 21).await;
 
     server.signal("STOP");
     let s = app
@@ -234,7 +237,7 @@ async fn a_hung_server_times_out_without_slowing_metrics() {
         Some(1.0)
     );
     let during = common::scrape_median(&app, 21).await;
-    eprintln!("median scrape with Redis stopped: {during:?}");
+    common::assert_scrapes_unaffected(before, during, "Redis hung (SIGSTOP)");
 
     server.signal("CONT");
     app.scrape_until(Duration::from_secs(6), "redis_up back to 1", |s| {

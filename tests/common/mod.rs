@@ -2,7 +2,7 @@
 //! learns the port from its JSON log, waits for readiness, and scrapes and parses `/metrics`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,21 +18,50 @@ pub struct Autotuner {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Its data directory, unless the test gave one.
     pub data: Option<tempfile::TempDir>,
+    /// The empty rules directory it was given, unless the test gave one.
+    pub rules: Option<tempfile::TempDir>,
 }
 
 impl Autotuner {
     /// Starts the binary with `args` (plus a loopback listen address on port 0 and JSON logs)
     /// and `envs`, and waits until it says where it listens.
+    ///
+    /// Unless the test names a rules directory (`--rules.dir` or `AUTOTUNER_RULES_DIR`), the
+    /// binary gets an empty one: the shipped `./rules` would otherwise load from the crate
+    /// root, and a shipped rule switched to `enforce` could act on a test's target. Tests of
+    /// the shipped rules pass `--rules.dir` themselves. The listen port is the kernel's choice
+    /// (port 0, learnt from the log), so no other process can take it between choice and bind.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Autotuner {
+        Autotuner::start_in(&[], args, envs)
+    }
+
+    /// [`Autotuner::start`], the binary run through `wrapper` (a program and its arguments that
+    /// end by executing the binary in its own process, e.g. `unshare --mount`), so the process
+    /// the test holds is still the autotuner.
+    pub fn start_in(wrapper: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Autotuner {
         let data = (!args.iter().any(|a| a.starts_with("--data.dir")))
             .then(|| tempfile::tempdir().unwrap());
-        let mut command = Command::new(BIN);
+        let rules = (!args.iter().any(|a| a.starts_with("--rules.dir"))
+            && !envs.iter().any(|(k, _)| *k == "AUTOTUNER_RULES_DIR"))
+        .then(|| tempfile::tempdir().unwrap());
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         if let Some(d) = &data {
             command.arg(format!("--data.dir={}", d.path().display()));
+        }
+        if let Some(r) = &rules {
+            command.arg(format!("--rules.dir={}", r.path().display()));
         }
         let mut child = command
             .args(["--web.listen-address=127.0.0.1:0", "--log.format=json"])
             .args(args)
+            .env_remove("AUTOTUNER_RULES_DIR")
             .envs(envs.iter().copied())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -70,6 +99,7 @@ impl Autotuner {
             addr,
             log,
             data,
+            rules,
         }
     }
 
@@ -205,14 +235,44 @@ pub fn meminfo(field: &str) -> f64 {
     panic!("{field} not in /proc/meminfo");
 }
 
-/// True when tests that need a provisioned tool must fail rather than skip (the test command
-/// sets it; a plain `cargo test` on a bare machine skips them and says so).
+/// True when tests that need a provisioned tool must fail rather than skip (scripts/test sets
+/// it).
 pub fn strict() -> bool {
     std::env::var_os("AUTOTUNER_TEST_STRICT").is_some()
 }
 
-/// Finds a program the test needs; without it the test fails in strict mode and otherwise
-/// prints that it did not run.
+/// True when the developer asked that tests whose service or tool is missing be skipped
+/// (`AUTOTUNER_TEST_ALLOW_SKIP=1`) rather than fail. Strict mode wins over it.
+pub fn allow_skip() -> bool {
+    !strict() && std::env::var("AUTOTUNER_TEST_ALLOW_SKIP").is_ok_and(|v| v == "1")
+}
+
+/// The one way a test says it cannot run here because `reason` (a service or tool) is missing.
+///
+/// A test that silently passes without running is the one thing a suite must not do, and
+/// libtest captures what a passing test prints, so: by default (a plain `cargo test`) and under
+/// scripts/test the test fails with `NOT RUN: <reason>`, and the summary line counts it. Only
+/// with `AUTOTUNER_TEST_ALLOW_SKIP=1` does it pass, and then the `NOT RUN` line is written to
+/// the process's standard error directly, past libtest's capture, so it shows in the run's
+/// output next to the test's name. Callers return right after it returns.
+pub fn not_run(reason: &str) {
+    assert!(
+        !strict(),
+        "NOT RUN: {reason} (scripts/test provides it; this run is strict)"
+    );
+    assert!(
+        allow_skip(),
+        "NOT RUN: {reason}. Run scripts/test, which provisions every service, or set \
+         AUTOTUNER_TEST_ALLOW_SKIP=1 to skip the tests that need one"
+    );
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("a test");
+    // `writeln!` on the handle, not `eprintln!`: only the macros are captured by libtest.
+    let _ = writeln!(std::io::stderr(), "NOT RUN: {name}: {reason}");
+}
+
+/// Finds a program the test needs; without it, says so through [`not_run`] (which fails the
+/// test unless skipping was asked for).
 pub fn require(program: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -220,23 +280,85 @@ pub fn require(program: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        assert!(
-            !strict(),
-            "{program} is not installed; scripts/test installs it"
-        );
-        eprintln!("NOT RUN: {program} is not installed (scripts/test installs it)");
+        not_run(&format!(
+            "{program} is not installed (scripts/test installs it)"
+        ));
     }
     found
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel's choice; a tiny race with other processes is
-/// accepted).
+/// A free TCP port on 127.0.0.1 (the kernel's choice). Another process can take it before the
+/// program the test starts binds it: start such programs with [`spawn_on_free_port`], which
+/// retries on another port, or hand over a listener ([`listener`]) where the server is
+/// in-process.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A listener on a loopback port of the kernel's choice, for servers run inside the test: the
+/// port is held from the moment it is chosen, so nothing can take it.
+pub fn listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// Starts a program that must bind a port given on its command line, on a free port, retrying
+/// on another port when it could not bind (it exited, or its log says the address is in use)
+/// because another process took the port between our choice and its bind. `spawn` starts it on
+/// the given port; `log` reads what it said so far. Returns the port and the running child,
+/// once something accepts connections on the port and the child is still alive a moment later
+/// (a child that lost the race exits at once).
+pub fn spawn_on_free_port(
+    what: &str,
+    mut spawn: impl FnMut(u16) -> Child,
+    log: impl Fn() -> String,
+) -> (u16, Child) {
+    let lost = |log: &str| {
+        let l = log.to_ascii_lowercase();
+        l.contains("address already in use") || l.contains("address in use")
+    };
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Err(format!("exited with {status}"));
+            }
+            if lost(&log()) {
+                break Err("address in use".to_owned());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Someone accepts; make sure it is ours and not the one that took the port.
+                std::thread::sleep(Duration::from_millis(200));
+                if child.try_wait().unwrap().is_none() && !lost(&log()) {
+                    break Ok(());
+                }
+                break Err("lost the port".to_owned());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{what} did not listen on {port} within 30 s; log:\n{}",
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match outcome {
+            Ok(()) => return (port, child),
+            Err(why) if lost(&log()) || why == "address in use" || why == "lost the port" => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Err(why) => panic!("{what} failed to start on {port}: {why}; log:\n{}", log()),
+        }
+    }
+    panic!("{what}: five ports in a row were taken by other processes")
 }
 
 /// A throw-away redis-server on its own loopback port and directory, killed when dropped.
@@ -248,26 +370,40 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one, or `None` (after saying so) when redis-server is not installed. `{port}` in
-    /// an argument is replaced by the server's port.
+    /// Starts one, or `None` (after [`not_run`]) when redis-server is not installed. `{port}`
+    /// in an argument is replaced by the server's port. A port taken by another process between
+    /// our choice and redis-server's bind is retried on another one.
     pub fn start(args: &[&str]) -> Option<RedisServer> {
         require("redis-server")?;
         let mut server = RedisServer {
-            port: free_port(),
+            port: 0,
             child: None,
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|s| (*s).to_owned()).collect(),
         };
-        server.restart();
+        let (port, child) =
+            spawn_on_free_port("redis-server", |port| server.spawn(port), || server.log());
+        server.port = port;
+        server.child = Some(child);
+        server.wait_ready();
         Some(server)
     }
 
-    /// Starts (again) on the same port, and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&self, port: u16) -> Child {
+        // Each attempt's log on its own: an earlier "address in use" must not fail a retry.
+        let _ = std::fs::remove_file(self.log_path());
+        Command::new("redis-server")
             .args([
                 "--port",
-                &self.port.to_string(),
+                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -278,22 +414,39 @@ impl RedisServer {
                 "no",
                 "--dir",
                 self.dir.path().to_str().unwrap(),
+                "--logfile",
+                self.log_path().to_str().unwrap(),
             ])
             .args(
                 self.args
                     .iter()
-                    .map(|a| a.replace("{port}", &self.port.to_string())),
+                    .map(|a| a.replace("{port}", &port.to_string())),
             )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .unwrap()
+    }
+
+    /// Waits until this server (not another process on its port) accepts connections.
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+        while !self.log().contains("Ready to accept connections") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}; log:\n{}",
+                self.port,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts (again) on the same port, and waits until it accepts connections. (The port is
+    /// the test's point here; if another process took it meanwhile, this fails saying so.)
+    pub fn restart(&mut self) {
+        self.child = Some(self.spawn(self.port));
+        self.wait_ready();
     }
 
     /// Stops it (SIGKILL, as a crash would) and waits for the exit.
@@ -403,11 +556,9 @@ impl PgEnv {
                 bin,
             }),
             _ => {
-                assert!(
-                    !strict(),
-                    "AUTOTUNER_TEST_PG_* not set: scripts/test provisions PostgreSQL"
+                not_run(
+                    "no provisioned PostgreSQL: AUTOTUNER_TEST_PG_* not set (scripts/test provisions it)",
                 );
-                eprintln!("NOT RUN: no provisioned PostgreSQL (run scripts/test)");
                 None
             }
         }
@@ -423,6 +574,93 @@ impl PgEnv {
             u.set_path(&format!("/{d}"));
         }
         u.to_string()
+    }
+}
+
+/// A database of the test's own on the provisioned server, with `pg_stat_statements` created
+/// in it, dropped (with its connections) when dropped. Tests whose assertions count statements
+/// or connections use one, so test binaries running in parallel cannot disturb each other: a
+/// statement-statistics reset is then limited to this database
+/// (`pg_stat_statements_reset(0, <its oid>, 0)`), never the whole server's.
+pub struct ScratchDb {
+    pub name: String,
+    /// As the superuser.
+    pub url: String,
+    /// As the `pg_monitor` role.
+    pub monitor_url: String,
+    admin_url: String,
+}
+
+impl PgEnv {
+    /// Creates a [`ScratchDb`] named `<prefix>_<pid>_<n>`.
+    pub async fn scratch_db(&self, prefix: &str) -> ScratchDb {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("{prefix}_{}_{n}", std::process::id());
+        let admin = pg_connect(&self.url).await;
+        // Two statements: a multi-statement string runs as one transaction, which neither
+        // allows.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let with_db = |u: &str| {
+            let mut u = url::Url::parse(u).unwrap();
+            u.set_path(&format!("/{name}"));
+            u.to_string()
+        };
+        let db = ScratchDb {
+            url: with_db(&self.url),
+            monitor_url: with_db(&self.monitor_url),
+            admin_url: self.url.clone(),
+            name,
+        };
+        pg_connect(&db.url)
+            .await
+            .batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await
+            .unwrap();
+        db
+    }
+}
+
+impl ScratchDb {
+    /// Forgets the statement statistics of this database only.
+    pub async fn reset_statements(&self, client: &tokio_postgres::Client) {
+        client
+            .batch_execute(
+                "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+            )
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Async cleanup from a synchronous drop: on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
@@ -480,29 +718,51 @@ impl PgCluster {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {out:?}");
-        let cluster = PgCluster {
-            port: free_port(),
+        let mut cluster = PgCluster {
+            port: 0,
             bin: bin.to_owned(),
             data,
             dir,
         };
-        cluster.pg_ctl_start();
+        // Another process can take the chosen port before the postmaster binds it: retry on
+        // another one when the start failed for that reason.
+        for attempt in 1.. {
+            cluster.port = free_port();
+            match cluster.try_pg_ctl_start() {
+                Ok(()) => break,
+                Err(why) if why.contains("already in use") && attempt < 5 => continue,
+                Err(why) => panic!("pg_ctl start: {why}"),
+            }
+        }
         cluster
     }
 
     pub fn pg_ctl_start(&self) {
+        if let Err(why) = self.try_pg_ctl_start() {
+            panic!("pg_ctl start: {why}");
+        }
+    }
+
+    fn try_pg_ctl_start(&self) -> Result<(), String> {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1",
             self.port,
             self.dir.path().display()
         );
+        let log = self.dir.path().join("log");
         let out = as_postgres(&format!("{}/pg_ctl", self.bin))
             .args(["-D", self.data.to_str().unwrap(), "-w", "-l"])
-            .arg(self.dir.path().join("log"))
+            .arg(&log)
             .args(["start", "-o", &opts])
             .output()
             .unwrap();
-        assert!(out.status.success(), "pg_ctl start: {out:?}");
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{out:?}; server log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ))
     }
 
     pub fn stop(&self) {
@@ -529,8 +789,8 @@ impl Drop for PgCluster {
     }
 }
 
-/// Median time of `n` sequential scrapes (printed by the outage tests: timings are measured,
-/// never asserted).
+/// Median time of `n` sequential scrapes (the outage tests compare the median during an outage
+/// with the one before, through [`assert_scrapes_unaffected`]).
 pub async fn scrape_median(app: &Autotuner, n: usize) -> Duration {
     let client = client();
     let mut times = Vec::with_capacity(n);
@@ -548,4 +808,52 @@ pub async fn scrape_median(app: &Autotuner, n: usize) -> Duration {
     }
     times.sort();
     times[n / 2]
+}
+
+/// Asserts that `/metrics` answers as before while a target is down or hung: the median scrape
+/// during the outage under three times the median before plus 50 ms. That bound is about
+/// behaviour, not speed: a scrape that waited on the dead target would take the collector's
+/// timeout (hundreds of milliseconds at least), far past it, while a loaded machine only
+/// spreads both medians alike.
+pub fn assert_scrapes_unaffected(before: Duration, during: Duration, what: &str) {
+    let bound = before * 3 + Duration::from_millis(50);
+    assert!(
+        during <= bound,
+        "median scrape {during:?} with {what}, against {before:?} before (bound {bound:?})"
+    );
+}
+
+/// A hold on the machine's CPUs, shared between test processes through a lock file, released
+/// when dropped.
+///
+/// The end-to-end test that keeps every core busy takes it exclusively
+/// ([`CpuHold::exclusive`]); tests whose assertions bound a duration take it shared
+/// ([`CpuHold::shared`]), so no such test shares its window with the burn, whether the two are
+/// in one test binary or in binaries run in parallel (the lock is the kernel's `flock`, per
+/// open file, so it also orders threads of one process).
+pub struct CpuHold(std::fs::File);
+
+impl CpuHold {
+    fn open() -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("autotuner-tests-cpu.lock"))
+            .unwrap()
+    }
+
+    /// For a test that bounds a duration: waits while a CPU burn runs.
+    pub fn shared() -> CpuHold {
+        let f = Self::open();
+        f.lock_shared().unwrap();
+        CpuHold(f)
+    }
+
+    /// For a test that keeps every core busy: waits until no timing-bound test runs.
+    pub fn exclusive() -> CpuHold {
+        let f = Self::open();
+        f.lock().unwrap();
+        CpuHold(f)
+    }
 }
