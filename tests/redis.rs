@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Autotuner, RedisServer, write_config};
@@ -31,6 +32,23 @@ async fn watch_one(server: &RedisServer, window: &str) -> (Autotuner, tempfile::
     .await;
     (app, dir)
 }
+
+/// The server's own INFO, field → value.
+async fn server_info(conn: &mut redis::aio::MultiplexedConnection) -> HashMap<String, String> {
+    let text: String = redis::cmd("INFO").query_async(conn).await.unwrap();
+    text.lines()
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn field(info: &HashMap<String, String>, name: &str) -> f64 {
+    info[name].parse().unwrap()
+}
+
+/// What two client connections' buffers can make `used_memory` differ between the collector's
+/// INFO and the test's.
+const CLIENT_BUFFERS: f64 = 256.0 * 1024.0;
 
 async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -89,8 +107,42 @@ async fn hit_ratio_over_the_window_then_absent_when_quiet() {
         s.value("redis_db_keys", &[("target", "cache"), ("db", "db0")]),
         Some(1.0)
     );
-    assert!(s.value("redis_memory_used_bytes", &t).unwrap() > 0.0);
-    assert!(s.value("redis_probe_latency_seconds", &t).unwrap() > 0.0);
+    // The rest is the server's own INFO: what holds still equal, used memory within what the
+    // two clients' buffers make it move.
+    let info = server_info(&mut conn).await;
+    for (metric, name) in [
+        ("redis_connected_clients", "connected_clients"),
+        ("redis_max_clients", "maxclients"),
+        ("redis_blocked_clients", "blocked_clients"),
+        ("redis_evicted_keys_total", "evicted_keys"),
+        ("redis_expired_keys_total", "expired_keys"),
+    ] {
+        assert_eq!(s.value(metric, &t), Some(field(&info, name)), "{metric}");
+    }
+    assert_eq!(
+        field(&info, "connected_clients"),
+        2.0,
+        "ours and the test's"
+    );
+    let used = s.value("redis_memory_used_bytes", &t).unwrap();
+    assert!(
+        (used - field(&info, "used_memory")).abs() < CLIENT_BUFFERS,
+        "published {used}, INFO says {}",
+        info["used_memory"]
+    );
+    let uptime = s.value("redis_uptime_in_seconds", &t).unwrap();
+    let server_uptime = field(&info, "uptime_in_seconds");
+    assert!(uptime <= server_uptime && uptime >= server_uptime - 3.0);
+    let version = [
+        ("target", "cache"),
+        ("redis_version", info["redis_version"].as_str()),
+        ("redis_mode", "standalone"),
+        ("role", "master"),
+    ];
+    assert_eq!(s.value("redis_instance_info", &version), Some(1.0));
+    // A PING answered within the run's deadline (nine tenths of the 800 ms timeout).
+    let ping = s.value("redis_probe_latency_seconds", &t).unwrap();
+    assert!(ping > 0.0 && ping < 0.72, "{ping}");
     // No maxmemory set: no usage ratio.
     assert_eq!(s.value("redis_memory_max_bytes", &t), Some(0.0));
     assert_eq!(s.value("redis_memory_usage_ratio", &t), None);
@@ -143,7 +195,18 @@ async fn acl_user_password_and_a_wrong_password() {
     let ratio = s
         .value("redis_memory_usage_ratio", &[("target", "acl")])
         .unwrap();
-    assert!(ratio > 0.0 && ratio < 0.1, "memory usage ratio {ratio}");
+    let info = server_info(&mut conn).await;
+    assert_eq!(field(&info, "maxmemory"), 100.0 * 1024.0 * 1024.0);
+    assert_eq!(
+        s.value("redis_memory_max_bytes", &[("target", "acl")]),
+        Some(field(&info, "maxmemory"))
+    );
+    assert!(
+        (ratio * field(&info, "maxmemory") - field(&info, "used_memory")).abs() < CLIENT_BUFFERS,
+        "memory usage ratio {ratio}, INFO says {} of {}",
+        info["used_memory"],
+        info["maxmemory"]
+    );
     let auth = [("kind", "redis"), ("target", "badpw"), ("reason", "auth")];
     assert_eq!(s.value("autotuner_target_error", &auth), Some(1.0));
     assert_eq!(
@@ -372,9 +435,27 @@ async fn rediss_with_a_private_ca() {
                 && s.value("redis_up", &[("target", "plain")]) == Some(0.0)
         })
         .await;
-    assert!(
-        s.value("redis_memory_used_bytes", &[("target", "tls")])
-            .unwrap()
-            > 0.0
+    // The figures came through TLS from that server: its version, as the installed binary says.
+    let out = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let version = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .unwrap();
+    assert_eq!(
+        s.value(
+            "redis_instance_info",
+            &[
+                ("target", "tls"),
+                ("redis_version", version),
+                ("role", "master")
+            ]
+        ),
+        Some(1.0),
+        "{}",
+        s.text
     );
 }

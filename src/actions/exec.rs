@@ -265,17 +265,45 @@ pub async fn redis_evict(s: &Services, a: &RedisEvict) -> Result<Outcome, String
     })
 }
 
-async fn used_memory_rss(h: &RedisHandle) -> Result<Option<u64>, String> {
+/// A numeric field of one INFO section.
+async fn info_number(h: &RedisHandle, section: &str, field: &str) -> Result<Option<u64>, String> {
     let mut conn = h.connection();
     let info: String = redis::cmd("INFO")
-        .arg("memory")
+        .arg(section)
         .query_async(&mut conn)
         .await
         .map_err(|e| redis_err(h, &e))?;
     Ok(info
         .lines()
-        .find_map(|l| l.strip_prefix("used_memory_rss:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok()))
+}
+
+async fn used_memory_rss(h: &RedisHandle) -> Result<Option<u64>, String> {
+    info_number(h, "memory", "used_memory_rss").await
+}
+
+/// `used_memory_rss` as the purge left it. INFO reports what Redis's cron last sampled (every
+/// 100 ms, or every 1000/hz ms when `hz` is below 10), so a reading right after the purge may
+/// predate it and record that the purge changed nothing. The first reading that differs from
+/// the one right after the purge comes from a later sample, hence after the purge; when none
+/// differs within three sampling periods, there was nothing to see.
+async fn used_memory_rss_after_purge(h: &RedisHandle) -> Result<Option<u64>, String> {
+    let first = used_memory_rss(h).await?;
+    let hz = info_number(h, "server", "hz")
+        .await?
+        .unwrap_or(10)
+        .clamp(1, 500);
+    let period = Duration::from_millis((1000 / hz).max(100));
+    let deadline = Instant::now() + period * 3;
+    while Instant::now() < deadline {
+        tokio::time::sleep(period / 4).await;
+        let now = used_memory_rss(h).await?;
+        if now != first {
+            return Ok(now);
+        }
+    }
+    Ok(first)
 }
 
 /// `redis_memory_purge`: `MEMORY PURGE` (jemalloc returns freed pages to the OS).
@@ -288,7 +316,7 @@ pub async fn redis_memory_purge(s: &Services, target: Option<&str>) -> Result<Ou
         .query_async(&mut conn)
         .await
         .map_err(|e| redis_err(h, &e))?;
-    let after = used_memory_rss(h).await?;
+    let after = used_memory_rss_after_purge(h).await?;
     Ok(Outcome {
         before: json!({ "used_memory_rss": before }),
         after: json!({ "used_memory_rss": after }),
