@@ -523,14 +523,18 @@ pub async fn retention_delete(s: &Services, a: &RetentionDelete) -> Result<Outco
     let batch = i64::try_from(a.batch_size.unwrap_or(1000).max(1)).unwrap_or(1000);
     let pause = a.pause.map_or(Duration::from_millis(100), |d| d.0);
     let older_ms = a.older_than.0.as_millis() as f64;
-    // ctid picks exactly the batch's rows without needing a key; the subquery's LIMIT bounds
-    // each statement's work and lock footprint.
+    // (tableoid, ctid) picks exactly the batch's rows without needing a key: a ctid alone is
+    // only unique within one relation, and a partitioned or inheritance parent spans several,
+    // where the same ctid names a row in each. The LIMIT bounds each statement's work and
+    // lock footprint.
     let stmt = client
         .prepare(&format!(
-            "/* autotuner */ DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-                SELECT ctid FROM {table}
+            "/* autotuner */ WITH batch AS (
+                SELECT tableoid AS rel, ctid AS tid FROM {table}
                  WHERE {column} < now() - make_interval(secs => $1::float8 / 1000)
-                 LIMIT $2))"
+                 LIMIT $2)
+             DELETE FROM {table} AS target USING batch
+              WHERE target.tableoid = batch.rel AND target.ctid = batch.tid"
         ))
         .await
         .map_err(|e| pg_err(h, &e))?;
