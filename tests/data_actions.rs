@@ -179,3 +179,201 @@ async fn retention_delete_on_an_inheritance_parent_keeps_its_childs_recent_rows(
     );
     assert_eq!(out.result["deleted"], 650, "{out:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// exec
+
+fn exec_spec(yaml: &str) -> autotuner::actions::Exec {
+    let ActionSpec::Exec(e) = spec(yaml) else {
+        panic!("not an exec: {yaml}")
+    };
+    e
+}
+
+fn exec_services() -> Services {
+    let mut s = services(None, None);
+    s.exec_allow = ["/bin/sh", "/usr/bin/env", "/usr/bin/printf", "/bin/echo"]
+        .map(String::from)
+        .to_vec();
+    s
+}
+
+/// Whether a process is still running (a zombie nobody reaped is not).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn exec_runs_an_allowed_program_with_its_templated_arguments() {
+    let s = exec_services();
+    let e = exec_spec(r#"exec: {command: [/usr/bin/printf, "%s|%s|%s", "{{ $labels.cache }}", "v={{ $value }}", "--literal"]}"#);
+    let out = exec::exec(&s, &e, &request(&[("cache", "sessions")], 0.5))
+        .await
+        .unwrap();
+    assert_eq!(out.result["stdout"], "sessions|v=0.5|--literal", "{out:?}");
+    assert_eq!(out.result["exit_code"], 0);
+    // Not on the allow list: refused without running.
+    let e = exec_spec("exec: {command: [/bin/true]}");
+    let err = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap_err();
+    assert!(err.contains("exec_allow"), "{err}");
+}
+
+#[tokio::test]
+async fn exec_a_non_zero_exit_fails_with_its_exit_code_and_stderr() {
+    let s = exec_services();
+    let e = exec_spec(r#"exec: {command: [/bin/sh, -c, "echo partial; echo 'disk full' >&2; exit 3"]}"#);
+    let err = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap_err();
+    assert!(err.contains("exit status: 3"), "{err}");
+    assert!(err.contains("disk full"), "{err}");
+}
+
+#[tokio::test]
+async fn exec_passes_only_the_allowed_environment() {
+    // The test's own environment carries the provisioned server's URL with its password, as
+    // the autotuner's carries DATABASE_URL: the program must not see it.
+    let Some(env) = PgEnv::get() else {
+        return;
+    };
+    let password = url::Url::parse(&env.url)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_owned();
+    let s = exec_services();
+    let out = exec::exec(&s, &exec_spec("exec: {command: [/usr/bin/env]}"), &request(&[], 0.0))
+        .await
+        .unwrap();
+    let text = out.result["stdout"].as_str().unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(names.contains(&"PATH"), "{text}");
+    for n in &names {
+        assert!(
+            ["PATH", "HOME", "LANG", "LANGUAGE", "TZ"].contains(n) || n.starts_with("LC_"),
+            "{n} passed to the program: {text}"
+        );
+    }
+    assert!(!text.contains(&password), "a secret reached the program");
+}
+
+#[tokio::test]
+async fn exec_refuses_a_value_that_would_become_an_option_unless_the_action_allows_it() {
+    let s = exec_services();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    // Were it run, the program would leave a marker: a refusal runs nothing.
+    let e = exec_spec(&format!(
+        r#"exec: {{command: [/bin/sh, -c, "touch {}; echo \"$0\"", "{{{{ $labels.name }}}}"]}}"#,
+        marker.display()
+    ));
+    let err = exec::exec(&s, &e, &request(&[("name", "-i")], 0.0))
+        .await
+        .unwrap_err();
+    assert!(err.contains("allow_option_values"), "{err}");
+    assert!(!marker.exists(), "the program ran");
+    // A value that does not start with `-` passes.
+    let out = exec::exec(&s, &e, &request(&[("name", "orders")], 0.0))
+        .await
+        .unwrap();
+    assert_eq!(out.result["stdout"], "orders\n");
+    // Allowed by the action: echo reads the value as its option.
+    let e = exec_spec(r#"exec: {command: [/bin/echo, "{{ $labels.flag }}", x], allow_option_values: true}"#);
+    let out = exec::exec(&s, &e, &request(&[("flag", "-n")], 0.0))
+        .await
+        .unwrap();
+    assert_eq!(out.result["stdout"], "x", "{out:?}");
+}
+
+#[tokio::test]
+async fn exec_keeps_at_most_its_bound_of_output_and_lets_the_program_finish() {
+    let s = exec_services();
+    // A megabyte on stdout (far beyond a pipe's buffer: the program only finishes if its
+    // output is drained) and a line on stderr.
+    let e = exec_spec(
+        r#"exec: {command: [/bin/sh, -c, "head -c 1000000 /dev/zero | tr '\\0' a; echo end >&2"], timeout: 60s}"#,
+    );
+    let out = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap();
+    let stdout = out.result["stdout"].as_str().unwrap();
+    assert_eq!(stdout.len(), exec::EXEC_OUTPUT_BOUND);
+    assert!(stdout.bytes().all(|b| b == b'a'));
+    assert_eq!(out.result["stdout_bytes"], 1_000_000, "{}", out.result);
+    assert_eq!(out.result["stderr"], "end\n");
+    assert_eq!(out.result["stderr_bytes"], 4);
+}
+
+#[tokio::test]
+async fn exec_at_its_timeout_kills_the_program_and_what_it_started() {
+    let s = exec_services();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // The shell starts a child of its own and waits: both must be gone after the timeout.
+    let e = exec_spec(&format!(
+        r#"exec: {{command: [/bin/sh, -c, "sleep 300 & echo $$ $! > {}; wait"], timeout: 1s}}"#,
+        pids.display()
+    ));
+    let started = Instant::now();
+    let err = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap_err();
+    assert!(err.contains("killed"), "{err}");
+    // A bound on behaviour, not speed: it ends, long before the program would.
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let pids: Vec<u32> = text.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 2, "{text}");
+    // The kill is immediate; reaping an orphan may take its new parent a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| running(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the timeout: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// redis
+
+#[tokio::test]
+async fn the_redis_action_runs_its_one_command_with_templates_on_the_real_server() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let s = services(None, Some(&server.url()));
+    let key = unique("cfg");
+    let command: Vec<String> = ["SET", &key, "{{ $labels.policy }}", "PX", "60000"]
+        .map(String::from)
+        .to_vec();
+    let out = exec::redis_command(&s, &command, None, &request(&[("policy", "allkeys-lru")], 0.0))
+        .await
+        .unwrap();
+    assert_eq!(out.result["reply"], "ok", "{out:?}");
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (value, ttl): (String, i64) = redis::pipe()
+        .cmd("GET")
+        .arg(&key)
+        .cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(value, "allkeys-lru");
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    // A command the server refuses is the action's error.
+    let bad: Vec<String> = ["INCR", &key].map(String::from).to_vec();
+    let err = exec::redis_command(&s, &bad, None, &request(&[], 0.0))
+        .await
+        .unwrap_err();
+    assert!(err.contains("not an integer"), "{err}");
+}
