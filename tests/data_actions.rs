@@ -377,3 +377,84 @@ async fn the_redis_action_runs_its_one_command_with_templates_on_the_real_server
         .unwrap_err();
     assert!(err.contains("not an integer"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// pg_terminate_idle
+
+#[tokio::test]
+async fn pg_terminate_idle_spares_the_autotuners_own_connection_that_matches_every_other_filter()
+{
+    let Some(env) = PgEnv::get() else {
+        return;
+    };
+    // A role of this test's own: the sweep's user filter then matches only this test's
+    // connections, however many other tests run beside it.
+    let role = unique("sweep");
+    let password = "sweep-test-pw";
+    let admin = pg_connect(&env.url).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        .await
+        .unwrap();
+    let mut as_role = url::Url::parse(&env.url).unwrap();
+    as_role.set_username(&role).unwrap();
+    as_role.set_password(Some(password)).unwrap();
+    let database = as_role.path().trim_start_matches('/').to_owned();
+    let connect = |name: &'static str| {
+        let url = as_role.to_string();
+        async move {
+            let mut cfg: tokio_postgres::Config = url.parse().unwrap();
+            cfg.application_name(name);
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+            (client, tokio::spawn(conn))
+        }
+    };
+    // Two idle workers and the autotuner's collector-style connection: same role, same
+    // database, idle as long; only the application name tells them apart.
+    let (_w1, h1) = connect("worker").await;
+    let (_w2, h2) = connect("worker").await;
+    let (ours, h_ours) = connect("autotuner").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The action's own connection is that role's as well.
+    let s = services(Some(as_role.as_str()), None);
+    let ActionSpec::PgTerminateIdle(a) = spec(&format!(
+        "pg_terminate_idle: {{idle_for: 1s, user: {role}, database: {database}, max: 100}}"
+    )) else {
+        panic!()
+    };
+    let out = exec::pg_terminate_idle(&s, &a).await.unwrap();
+    let terminated = out.result["terminated"].clone();
+    let apps: Vec<String> = out.result["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["application"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(h1.is_finished() && h2.is_finished()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ours_alive = ours.simple_query("SELECT 1").await.is_ok() && !h_ours.is_finished();
+    drop(ours);
+    drop(s);
+    let _ = admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .await;
+    // Terminated backends leave pg_stat_activity shortly after; the role goes once they have.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "role {role} still in use");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(terminated, 2, "{out:?}");
+    assert_eq!(apps, ["worker", "worker"], "{out:?}");
+    assert!(h1.is_finished() && h2.is_finished(), "the workers' connections stay open");
+    assert!(ours_alive, "the autotuner's own connection was terminated");
+}
