@@ -551,14 +551,18 @@ pub async fn retention_delete(s: &Services, a: &RetentionDelete) -> Result<Outco
     let batch = i64::try_from(a.batch_size.unwrap_or(1000).max(1)).unwrap_or(1000);
     let pause = a.pause.map_or(Duration::from_millis(100), |d| d.0);
     let older_ms = a.older_than.0.as_millis() as f64;
-    // ctid picks exactly the batch's rows without needing a key; the subquery's LIMIT bounds
-    // each statement's work and lock footprint.
+    // (tableoid, ctid) picks exactly the batch's rows without needing a key: a ctid alone is
+    // only unique within one relation, and a partitioned or inheritance parent spans several,
+    // where the same ctid names a row in each. The LIMIT bounds each statement's work and
+    // lock footprint.
     let stmt = client
         .prepare(&format!(
-            "/* autotuner */ DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-                SELECT ctid FROM {table}
+            "/* autotuner */ WITH batch AS (
+                SELECT tableoid AS rel, ctid AS tid FROM {table}
                  WHERE {column} < now() - make_interval(secs => $1::float8 / 1000)
-                 LIMIT $2))"
+                 LIMIT $2)
+             DELETE FROM {table} AS target USING batch
+              WHERE target.tableoid = batch.rel AND target.ctid = batch.tid"
         ))
         .await
         .map_err(|e| pg_err(h, &e))?;
@@ -660,44 +664,153 @@ pub async fn webhook(s: &Services, w: &Webhook, req: &ActionRequest) -> Result<O
     .await
 }
 
-/// `exec`: a program from the allow list, no shell, killed at its timeout.
+/// What `exec` keeps of each of the program's output streams, in bytes: enough for a message,
+/// bounded whatever the program writes.
+pub const EXEC_OUTPUT_BOUND: usize = 4096;
+
+/// The only environment variables `exec` passes on (from the autotuner's own environment,
+/// where set): where programs are, the home directory, the locale and the time zone. Nothing
+/// else: the autotuner's environment carries its targets' URLs and tokens.
+fn exec_env_allowed(name: &str) -> bool {
+    matches!(name, "PATH" | "HOME" | "LANG" | "LANGUAGE" | "TZ") || name.starts_with("LC_")
+}
+
+/// The arguments with their templates filled. An argument that starts with `-` only because
+/// of a substituted value (a label such as `--delete-all`) would be read by the program as an
+/// option the rule never wrote: refused unless the action sets `allow_option_values`.
+pub fn exec_args(e: &Exec, req: &ActionRequest) -> Result<Vec<String>, String> {
+    let labels = labels_map(req);
+    e.command
+        .iter()
+        .skip(1)
+        .enumerate()
+        .map(|(i, a)| {
+            let filled = template(a, &labels, req.value);
+            if filled.starts_with('-') && !a.starts_with('-') && !e.allow_option_values {
+                Err(format!(
+                    "argument {} ({a:?}) starts with `-` once filled in: a value would be read as \
+                     an option; refused (the action's `allow_option_values: true` permits it)",
+                    i + 1
+                ))
+            } else {
+                Ok(filled)
+            }
+        })
+        .collect()
+}
+
+/// One output stream, of which the first `EXEC_OUTPUT_BOUND` bytes are kept and the rest read
+/// and dropped, so the program never blocks on a full pipe and memory stays bounded.
+async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> (Vec<u8>, u64) {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut total = 0u64;
+    let Some(mut stream) = stream else {
+        return (kept, total);
+    };
+    let mut buf = [0u8; 8192];
+    // A read error ends the stream as EOF would: what was read is still reported.
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        let room = EXEC_OUTPUT_BOUND.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..n.min(room)]);
+    }
+    (kept, total)
+}
+
+/// The program's process group, killed when this is dropped unless the program finished:
+/// a timeout, or the runner abandoning the action, must not leave the program or anything it
+/// started (a shell's children) running.
+struct GroupGuard {
+    pgid: Option<rustix::process::Pid>,
+}
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            // Already gone is fine: the group has no member left.
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `exec`: a program from the allow list, no shell, an environment cleared down to
+/// `exec_env_allowed`, templated arguments that may not turn into options, at most
+/// `EXEC_OUTPUT_BOUND` bytes of each output kept, and its whole process group killed at the
+/// timeout.
 pub async fn exec(s: &Services, e: &Exec, req: &ActionRequest) -> Result<Outcome, String> {
-    let Some((program, args)) = e.command.split_first() else {
+    let Some(program) = e.command.first() else {
         return Err("empty command".into());
     };
     if !s.exec_allow.iter().any(|p| p == program) {
         return Err(format!("{program:?} is not in actions.exec_allow; refused"));
     }
-    let labels = labels_map(req);
+    let args = exec_args(e, req)?;
     let timeout = e.timeout.map_or(Duration::from_secs(30), |d| d.0);
-    let child = tokio::process::Command::new(program)
-        .args(args.iter().map(|a| template(a, &labels, req.value)))
+    let mut child = tokio::process::Command::new(program)
+        .args(&args)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(exec_env_allowed)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        // A group of its own, so that the kill reaches whatever it started.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|err| format!("starting {program}: {err}"))?;
-    let out = tokio::time::timeout(timeout, child.wait_with_output())
-        .await
-        .map_err(|_| format!("{program} still running after {timeout:?}; killed"))?
-        .map_err(|err| format!("waiting for {program}: {err}"))?;
-    let cut = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned();
+    let mut group = GroupGuard {
+        pgid: child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?)),
+    };
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (out, err, status) = tokio::join!(
+            read_bounded(stdout),
+            read_bounded(stderr),
+            child.wait()
+        );
+        (out, err, status)
+    };
+    let Ok((out, err, status)) = tokio::time::timeout(timeout, run).await else {
+        group.kill();
+        // Reaped here, so the program is gone when the action's record says so.
+        let _ = child.kill().await;
+        return Err(format!(
+            "{program} still running after {timeout:?} (or something it started still held its \
+             output); its process group was killed"
+        ));
+    };
+    // Finished: whatever it left behind in its group on purpose is its business.
+    group.pgid = None;
+    let status = status.map_err(|err| format!("waiting for {program}: {err}"))?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let result = json!({
-        "exit_code": out.status.code(),
-        "stdout": cut(&out.stdout),
-        "stderr": cut(&out.stderr),
+        "exit_code": status.code(),
+        "stdout": text(&out.0),
+        "stderr": text(&err.0),
+        "stdout_bytes": out.1,
+        "stderr_bytes": err.1,
     });
-    if out.status.success() {
+    if status.success() {
         Ok(Outcome {
             result,
             ..Outcome::default()
         })
     } else {
         Err(format!(
-            "{program} exited with {}: {}",
-            out.status,
-            cut(&out.stderr).trim()
+            "{program} exited with {status}: {}",
+            text(&err.0).trim()
         ))
     }
 }
@@ -713,6 +826,59 @@ mod tests {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert!(quote_table("a.b.c").is_err());
         assert!(quote_table("").is_err());
+    }
+
+    fn exec_spec(command: &[&str], allow_option_values: bool) -> Exec {
+        Exec {
+            command: command.iter().map(|c| (*c).to_owned()).collect(),
+            timeout: None,
+            allow_option_values,
+        }
+    }
+
+    fn exec_request(labels: &[(&str, &str)]) -> ActionRequest {
+        ActionRequest {
+            rule: "r".into(),
+            labels: crate::sample::Labels::new(labels.iter().copied()),
+            value: 1.0,
+            event: super::super::Event::Firing,
+            episode_ms: 0,
+            mode: None,
+            cooldown: Duration::ZERO,
+            allow_destructive: true,
+            actions: Vec::new(),
+            verify: None,
+            annotations: BTreeMap::new(),
+            rule_version: String::new(),
+            at_ms: 0,
+            actor: "engine".into(),
+        }
+    }
+
+    #[test]
+    fn substituted_values_never_become_options_unless_allowed() {
+        let req = exec_request(&[("name", "-rf"), ("plain", "cache")]);
+        let e = exec_spec(&["/bin/echo", "{{ $labels.name }}"], false);
+        assert!(exec_args(&e, &req).unwrap_err().contains("argument 1"));
+        // The rule's own options stay options; values inside them stay values.
+        let e = exec_spec(&["/bin/echo", "--name={{ $labels.name }}", "{{ $labels.plain }}"], false);
+        assert_eq!(exec_args(&e, &req).unwrap(), ["--name=-rf", "cache"]);
+        let e = exec_spec(&["/bin/echo", "{{ $labels.name }}"], true);
+        assert_eq!(exec_args(&e, &req).unwrap(), ["-rf"]);
+        let e = exec_spec(&["/bin/echo", "{{ $value }}"], false);
+        let mut negative = req.clone();
+        negative.value = -1.0;
+        assert!(exec_args(&e, &negative).is_err());
+    }
+
+    #[test]
+    fn only_the_allowed_environment_is_passed_on() {
+        for ok in ["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ"] {
+            assert!(exec_env_allowed(ok), "{ok}");
+        }
+        for no in ["DATABASE_URL", "REDIS_URL", "AUTOTUNER_TOKEN", "PGPASSWORD", "LD_PRELOAD"] {
+            assert!(!exec_env_allowed(no), "{no}");
+        }
     }
 
     #[test]

@@ -492,6 +492,10 @@ pub struct AlertmanagerAction {
 pub struct Exec {
     /// The program and its arguments (no shell).
     pub command: Vec<String>,
-    /// Longest it may run (default 30s).
+    /// Longest it may run (default 30s); then its process group is killed.
     pub timeout: Option<HumanDuration>,
+    /// Let an argument start with `-` because of a substituted value (a label or the value):
+    /// off by default, since a value would then be read as an option the rule never wrote.
+    #[serde(default)]
+    pub allow_option_values: bool,
 }
