@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gate;
 pub mod knobs;
 pub mod playbook;
+pub mod redact;
 pub mod runner;
 pub mod simulate;
 

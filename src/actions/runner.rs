@@ -1083,7 +1083,7 @@ impl Actions {
             )
             .await
             {
-                tracing::warn!(url = %a.url, error = %e, "resending an alert failed; the next resend retries");
+                tracing::warn!(url = %super::redact::url(&a.url), error = %e, "resending an alert failed; the next resend retries");
             }
         }
     }
@@ -1347,20 +1347,11 @@ impl Actions {
     }
 }
 
-/// An action's parameters for the audit log, with URLs redacted: a webhook's URL may carry a
-/// password or a token, which must not reach the log or the API that serves it.
+/// An action's parameters for the audit log, as `redact` allows them to be shown: a webhook's
+/// URL or body, a Redis command's arguments may carry a secret, which must not reach the log
+/// or the API that serves it.
 fn redacted_params(spec: &ActionSpec) -> Value {
-    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
-    if let Some(inner) = v.as_object_mut().and_then(|o| o.values_mut().next())
-        && let Some(url) = inner.get_mut("url")
-        && let Some(text) = url.as_str()
-    {
-        *url = json!(crate::settings::secret::SecretUrl::parse(text).map_or_else(
-            |_| "(unparsable URL)".to_owned(),
-            |u| u.redacted().to_owned()
-        ));
-    }
-    v
+    super::redact::params(spec)
 }
 
 #[cfg(test)]

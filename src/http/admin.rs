@@ -494,9 +494,31 @@ async fn playbooks(State(state): State<AppState>, headers: HeaderMap, p: Peer) -
         return r;
     }
     match actions(&state) {
-        Ok(a) => ok(&a.playbooks().by_name),
+        Ok(a) => ok(playbook_list(&a.playbooks().by_name)),
         Err(r) => r,
     }
+}
+
+/// The playbooks as they may be shown: every step's parameters through `actions::redact` (a
+/// step's webhook URL, body or command may carry a secret).
+fn playbook_list(
+    by_name: &std::collections::BTreeMap<String, crate::actions::playbook::PlaybookSpec>,
+) -> Value {
+    by_name
+        .iter()
+        .map(|(name, p)| {
+            let shown = json!({
+                "description": p.description,
+                "mode": p.mode,
+                "allow_destructive": p.allow_destructive,
+                "value": p.value,
+                "include": p.include,
+                "steps": p.steps.iter().map(crate::actions::redact::params).collect::<Vec<_>>(),
+            });
+            (name.clone(), shown)
+        })
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
 }
 
 async fn run_playbook(

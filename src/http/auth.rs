@@ -4,18 +4,27 @@
 //! (`--web.tokens-file`) that is re-read when it changes, so a token is rotated or revoked by
 //! editing the file. Each file entry has a name (the actor in the audit log), a role, the token
 //! (or its SHA-256) and an optional expiry. Tokens are compared as SHA-256 digests in constant
-//! time and never logged. Failed attempts are counted and, past ten a minute from one address,
-//! answered 429 until the minute is over.
+//! time and never logged.
+//!
+//! The file is checked at most once a second, on a blocking thread: a request only reads the
+//! tokens in force and, when a second has passed, starts the check without waiting for it. A
+//! file that is gone or cannot be read means no token from it is accepted (fail closed); a file
+//! that reads but does not parse keeps the previous tokens (an editor mid-save), logged once.
+//!
+//! Attempts are counted before they are verified (`Limiter`): ten unverified or failed attempts
+//! from one address in a minute, and that address is answered 429 until the minute is over,
+//! however many it sends at once. A successful attempt gives its count back.
 //!
 //! With no token configured at all, reading is open (as Prometheus's own API is) and every
 //! mutation is refused with 403 and an explanation.
 //!
-//! Uses `yaml` and `audit::rfc3339` only.
+//! Uses `yaml` only.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
@@ -74,65 +83,243 @@ struct Entry {
     expires: Option<SystemTime>,
 }
 
+/// What the refresher knows of the file on disk; only the refresher (one at a time) holds it.
 #[derive(Debug, Default)]
-struct FileState {
+struct Disk {
     modified: Option<SystemTime>,
-    checked: Option<Instant>,
-    entries: Vec<Entry>,
+    /// The last problem logged, so a lasting one is logged once.
     error: Option<String>,
 }
 
-/// Failed attempts from one address in the current minute.
+/// The tokens file: the entries in force, swapped whole by the refresher.
+#[derive(Debug)]
+struct TokenFile {
+    path: PathBuf,
+    /// The entries in force. Requests hold this lock only to clone the `Arc`.
+    entries: Mutex<Arc<Vec<Entry>>>,
+    /// When the file was last checked. Held only to compare and set the time.
+    checked: Mutex<Instant>,
+    /// Whether a check is running, so a burst of requests starts one.
+    refreshing: AtomicBool,
+    disk: Mutex<Disk>,
+}
+
+/// How often the tokens file is checked for changes.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl TokenFile {
+    fn current(&self) -> Arc<Vec<Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, entries: Vec<Entry>) {
+        *self.entries.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(entries);
+    }
+
+    /// Whether a check is due; claims it when it is.
+    fn claim_check(&self) -> bool {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+            if checked.elapsed() < CHECK_EVERY {
+                return false;
+            }
+            *checked = Instant::now();
+        }
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Starts a check when one is due: on a blocking thread when a runtime is there (the
+    /// request goes on with the tokens in force), inline otherwise.
+    fn maybe_refresh(self: &Arc<Self>) {
+        if !self.claim_check() {
+            return;
+        }
+        let me = self.clone();
+        let run = move || {
+            me.refresh();
+            me.refreshing.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(run);
+            }
+            Err(_) => run(),
+        }
+    }
+
+    /// Re-reads the file when its modification time changed. Gone or unreadable: no token from
+    /// it is accepted. Unparsable: the previous tokens stay.
+    fn refresh(&self) {
+        let path = &self.path;
+        let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = match std::fs::metadata(path).and_then(|m| m.modified()) {
+            Ok(m) if Some(m) == disk.modified => return,
+            Ok(m) => {
+                disk.modified = Some(m);
+                std::fs::read_to_string(path)
+            }
+            Err(e) => Err(e),
+        };
+        let text = match text {
+            Ok(t) => t,
+            Err(err) => {
+                // Editing in place or saving by rename can race with the check; the next check
+                // a second later notices the file is back (its time differs from `None`).
+                disk.modified = None;
+                let err = format!("{err}");
+                if disk.error.as_deref() != Some(err.as_str()) {
+                    tracing::error!(file = %path.display(), error = %err, "tokens file missing or unreadable: no token from it is accepted until it is back");
+                }
+                disk.error = Some(err);
+                self.set(Vec::new());
+                return;
+            }
+        };
+        match parse_file(&text) {
+            Ok(entries) => {
+                tracing::info!(file = %path.display(), tokens = entries.len(), "tokens file reloaded");
+                self.set(entries);
+                disk.error = None;
+            }
+            Err(err) => {
+                let err = format!("{}:{err}", path.display());
+                if disk.error.as_deref() != Some(err.as_str()) {
+                    tracing::error!(file = %path.display(), error = %err, "tokens file unreadable; keeping the previous tokens");
+                }
+                disk.error = Some(err);
+            }
+        }
+    }
+}
+
+/// Attempts from one address in the current minute.
 #[derive(Debug)]
 struct Failures {
     since: Instant,
     count: u32,
 }
 
-/// Failed attempts per address: past ten in a minute, that address waits the minute out. Shared
-/// by the bearer tokens here and basic auth (`webconfig`).
+/// Attempts per address, counted before they are verified: past ten unverified or failed ones
+/// in a minute, that address waits the minute out. Shared by the bearer tokens here and basic
+/// auth (`webconfig`). At most `MAX_ADDRESSES` addresses are tracked; past that, the one whose
+/// minute started first is forgotten.
 #[derive(Debug, Default)]
 pub struct Limiter {
     failures: Mutex<HashMap<Option<IpAddr>, Failures>>,
 }
 
+/// One counted attempt. Dropped, it stays counted (a failure); `succeeded` gives it back.
+#[must_use = "an attempt counts as failed unless `succeeded` is called"]
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    limiter: &'a Limiter,
+    from: Option<IpAddr>,
+    since: Instant,
+}
+
+impl Attempt<'_> {
+    /// The attempt was verified: it no longer counts.
+    pub fn succeeded(self) {
+        let mut f = self
+            .limiter
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = f.get_mut(&self.from)
+            && v.since == self.since
+        {
+            v.count = v.count.saturating_sub(1);
+            if v.count == 0 {
+                f.remove(&self.from);
+            }
+        }
+    }
+}
+
+/// Attempts tolerated per address per minute before answering 429.
+const MAX_FAILURES_PER_MINUTE: u32 = 10;
+/// How long an address's count lasts.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at once (about 100 KiB): the bound on what a flood of source addresses
+/// can make the limiter hold.
+pub const MAX_ADDRESSES: usize = 4096;
+
 impl Limiter {
     /// Whether `from` has used up its attempts for this minute.
     pub fn limited(&self, from: Option<IpAddr>) -> bool {
         let f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        f.get(&from).is_some_and(|v| {
-            v.since.elapsed() < Duration::from_secs(60) && v.count >= MAX_FAILURES_PER_MINUTE
-        })
+        f.get(&from)
+            .is_some_and(|v| v.since.elapsed() < WINDOW && v.count >= MAX_FAILURES_PER_MINUTE)
     }
 
-    /// Counts one failed attempt from `from`.
-    pub fn fail(&self, from: Option<IpAddr>) {
+    /// Counts one attempt from `from` before it is verified; `None` when the address has used
+    /// up its attempts for this minute (attempts still being verified included).
+    pub fn attempt(&self, from: Option<IpAddr>) -> Option<Attempt<'_>> {
         let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        // Forget addresses whose minute is over, so the map stays small.
-        f.retain(|_, v| v.since.elapsed() < Duration::from_secs(60));
+        if !f.contains_key(&from) && f.len() >= MAX_ADDRESSES {
+            f.retain(|_, v| v.since.elapsed() < WINDOW);
+            if f.len() >= MAX_ADDRESSES
+                && let Some(oldest) = f.iter().min_by_key(|(_, v)| v.since).map(|(k, _)| *k)
+            {
+                f.remove(&oldest);
+            }
+        }
         let e = f.entry(from).or_insert(Failures {
             since: Instant::now(),
             count: 0,
         });
+        if e.since.elapsed() >= WINDOW {
+            *e = Failures {
+                since: Instant::now(),
+                count: 0,
+            };
+        }
+        if e.count >= MAX_FAILURES_PER_MINUTE {
+            return None;
+        }
         e.count += 1;
+        Some(Attempt {
+            limiter: self,
+            from,
+            since: e.since,
+        })
+    }
+
+    /// How many addresses are tracked.
+    pub fn tracked(&self) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
-
-/// Failed attempts tolerated per address per minute before answering 429.
-const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 /// The token store.
 #[derive(Debug)]
 pub struct Auth {
     env: Vec<Entry>,
-    file: Option<PathBuf>,
-    state: Mutex<FileState>,
+    file: Option<Arc<TokenFile>>,
     failures: Limiter,
     failed: prometheus::IntCounterVec,
 }
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// The 32 bytes of a SHA-256 written as 64 hexadecimal digits, or `None`.
+fn parse_hex_digest(h: &str) -> Option<[u8; 32]> {
+    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn parse_file(text: &str) -> Result<Vec<Entry>, String> {
@@ -152,16 +339,21 @@ fn parse_file(text: &str) -> Result<Vec<Entry>, String> {
                     .error_at(&at("token"), "a token must be at least 16 characters")
                     .to_string());
             }
-            (None, Some(h)) => {
-                let bytes: Vec<u8> = (0..h.len())
-                    .step_by(2)
-                    .filter_map(|j| h.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                    .collect();
-                <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-                    loc.error_at(&at("sha256"), "sha256 must be 64 hexadecimal digits")
-                        .to_string()
-                })?
-            }
+            (None, Some(h)) => parse_hex_digest(h).ok_or_else(|| {
+                loc.error_at(
+                    &at("sha256"),
+                    format!(
+                        "sha256 must be exactly 64 hexadecimal digits (this one has {} characters{})",
+                        h.chars().count(),
+                        if h.chars().all(|c| c.is_ascii_hexdigit()) {
+                            ""
+                        } else {
+                            ", not all hexadecimal"
+                        }
+                    ),
+                )
+                .to_string()
+            })?,
             _ => {
                 return Err(loc
                     .error_at(&at("name"), "give exactly one of token, sha256")
@@ -224,23 +416,33 @@ impl Auth {
         for reason in ["missing", "invalid", "expired", "forbidden", "rate_limited"] {
             failed.with_label_values(&[reason]);
         }
-        let auth = Auth {
+        let file = match file {
+            None => None,
+            Some(path) => {
+                let modified = std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let entries = parse_file(&text).map_err(|e| format!("{}:{e}", path.display()))?;
+                Some(Arc::new(TokenFile {
+                    path: path.to_path_buf(),
+                    entries: Mutex::new(Arc::new(entries)),
+                    checked: Mutex::new(Instant::now()),
+                    refreshing: AtomicBool::new(false),
+                    disk: Mutex::new(Disk {
+                        modified: Some(modified),
+                        error: None,
+                    }),
+                }))
+            }
+        };
+        Ok(Auth {
             env,
-            file: file.map(Path::to_path_buf),
-            state: Mutex::new(FileState::default()),
+            file,
             failures: Limiter::default(),
             failed,
-        };
-        if let Some(path) = &auth.file {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let entries = parse_file(&text).map_err(|e| format!("{}:{e}", path.display()))?;
-            let mut st = auth.state.lock().unwrap_or_else(PoisonError::into_inner);
-            st.entries = entries;
-            st.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            st.checked = Some(Instant::now());
-        }
-        Ok(auth)
+        })
     }
 
     /// The failure counter, for the registry.
@@ -261,49 +463,26 @@ impl Auth {
             .any(|e| e.role == Role::Operate)
     }
 
-    /// The file's entries, re-read when its modification time changed (checked at most once a
-    /// second). A broken edit keeps the previous entries and is logged once.
-    fn entries(&self) -> Vec<Entry> {
-        let Some(path) = &self.file else {
-            return Vec::new();
+    /// The file's entries in force; starts a check of the file when one is due.
+    fn entries(&self) -> Arc<Vec<Entry>> {
+        let Some(file) = &self.file else {
+            return Arc::new(Vec::new());
         };
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if st
-            .checked
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            st.checked = Some(Instant::now());
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            if modified != st.modified {
-                st.modified = modified;
-                match std::fs::read_to_string(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| parse_file(&t))
-                {
-                    Ok(entries) => {
-                        tracing::info!(file = %path.display(), tokens = entries.len(), "tokens file reloaded");
-                        st.entries = entries;
-                        st.error = None;
-                    }
-                    Err(err) => {
-                        if st.error.as_deref() != Some(err.as_str()) {
-                            tracing::error!(file = %path.display(), error = %err, "tokens file unreadable; keeping the previous tokens");
-                        }
-                        st.error = Some(err);
-                    }
-                }
-            }
-        }
-        st.entries.clone()
+        file.maybe_refresh();
+        file.current()
     }
 
-    fn refuse(&self, from: Option<IpAddr>, reason: &str, status: u16, message: String) -> Refusal {
+    fn refuse(&self, reason: &str, status: u16, message: String) -> Refusal {
         self.failed.with_label_values(&[reason]).inc();
-        // Only guesses count towards the limit: a request without a token guessed nothing.
-        if matches!(reason, "invalid" | "expired") {
-            self.failures.fail(from);
-        }
         Refusal { status, message }
+    }
+
+    fn rate_limited(&self) -> Refusal {
+        self.refuse(
+            "rate_limited",
+            429,
+            "too many failed attempts from this address; wait a minute".into(),
+        )
     }
 
     /// Checks a request's token (`token`: the bearer token, if any) against the role `need`.
@@ -314,11 +493,7 @@ impl Auth {
         need: Role,
     ) -> Result<Caller, Refusal> {
         if self.failures.limited(from) {
-            self.failed.with_label_values(&["rate_limited"]).inc();
-            return Err(Refusal {
-                status: 429,
-                message: "too many failed attempts from this address; wait a minute".into(),
-            });
+            return Err(self.rate_limited());
         }
         let entries = self.entries();
         if !self.configured() {
@@ -327,44 +502,48 @@ impl Auth {
                     name: "anonymous".into(),
                     role: Role::Read,
                 }),
-                Role::Operate => Err(self.refuse(from, "forbidden", 403, "no operate token is configured: changes through the API are disabled (set AUTOTUNER_OPERATE_TOKEN or give --web.tokens-file)".into())),
+                Role::Operate => Err(self.refuse("forbidden", 403, "no operate token is configured: changes through the API are disabled (set AUTOTUNER_OPERATE_TOKEN or give --web.tokens-file)".into())),
             };
         }
+        // A request without a token guessed nothing: it is not counted.
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(self.refuse(
-                from,
                 "missing",
                 401,
                 "a bearer token is required (Authorization: Bearer TOKEN)".into(),
             ));
         };
+        let Some(attempt) = self.failures.attempt(from) else {
+            return Err(self.rate_limited());
+        };
         let d = digest(token);
         // Every entry is compared, whatever matched before, so the time taken does not tell
         // which entry (or how much of a digest) matched.
         let mut found: Option<Entry> = None;
-        for e in self.env.iter().chain(&entries) {
+        for e in self.env.iter().chain(entries.iter()) {
             if bool::from(e.digest.ct_eq(&d)) && found.is_none() {
                 found = Some(e.clone());
             }
         }
+        // An invalid or expired token keeps its count (`attempt` dropped).
         let Some(entry) = found else {
-            return Err(self.refuse(from, "invalid", 401, "the token is not valid".into()));
+            return Err(self.refuse("invalid", 401, "the token is not valid".into()));
         };
         if entry.expires.is_some_and(|t| t <= SystemTime::now()) {
             return Err(self.refuse(
-                from,
                 "expired",
                 401,
                 format!("the token {:?} has expired", entry.name),
             ));
         }
+        attempt.succeeded();
         if entry.role < need {
             let message = if self.has_operate(&entries) {
                 format!("the token {:?} may only read", entry.name)
             } else {
                 "no operate token is configured: changes through the API are disabled".into()
             };
-            return Err(self.refuse(from, "forbidden", 403, message));
+            return Err(self.refuse("forbidden", 403, message));
         }
         Ok(Caller {
             name: entry.name,
@@ -444,5 +623,85 @@ mod tests {
         assert!(
             parse_file("tokens:\n  - {name: x, role: admin, token: 0123456789abcdefg}\n").is_err()
         );
+    }
+    #[test]
+    fn a_sha256_must_be_exactly_64_hexadecimal_digits() {
+        let hash: String = digest(O).iter().map(|b| format!("{b:02x}")).collect();
+        let ok = parse_file(&format!(
+            "tokens:\n  - {{name: a, role: read, sha256: {}}}\n",
+            hash.to_uppercase()
+        ))
+        .unwrap();
+        assert_eq!(ok[0].digest, digest(O));
+        // A pair `u8::from_str_radix` takes though it is no hex pair (`+f`), a bad pair past
+        // the 64th digit, a non-ASCII character, and one digit short.
+        for bad in [
+            format!("+f{}", &hash[2..]),
+            format!("{hash}zz"),
+            format!("{}é{}", &hash[..30], &hash[32..]),
+            hash[1..].to_owned(),
+        ] {
+            let err = parse_file(&format!(
+                "tokens:\n  - {{name: ok, role: read, token: {R}}}\n  - {{name: x, role: read, sha256: '{bad}'}}\n"
+            ))
+            .unwrap_err();
+            assert!(err.starts_with("3:"), "{bad}: {err}");
+            assert!(err.contains("exactly 64 hexadecimal digits"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn attempts_are_counted_before_they_are_verified() {
+        let l = Limiter::default();
+        let ip: Option<IpAddr> = Some("10.0.0.3".parse().unwrap());
+        // Ten attempts still being verified use up the minute: an eleventh is not started.
+        let held: Vec<Attempt<'_>> = (0..MAX_FAILURES_PER_MINUTE)
+            .map(|_| l.attempt(ip).unwrap())
+            .collect();
+        assert!(l.attempt(ip).is_none());
+        assert!(l.limited(ip));
+        // A verified attempt gives its count back.
+        let mut held = held.into_iter();
+        held.next().unwrap().succeeded();
+        assert!(!l.limited(ip));
+        assert!(l.attempt(ip).is_some());
+        assert!(l.attempt(ip).is_none());
+    }
+
+    #[test]
+    fn the_limiter_tracks_a_bounded_number_of_addresses() {
+        let l = Limiter::default();
+        let first: Option<IpAddr> = Some("10.1.0.0".parse().unwrap());
+        for _ in 0..MAX_FAILURES_PER_MINUTE {
+            drop(l.attempt(first));
+        }
+        for i in 0..(MAX_ADDRESSES as u32 + 64) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            drop(l.attempt(Some(ip)));
+            assert!(l.tracked() <= MAX_ADDRESSES);
+        }
+        assert_eq!(l.tracked(), MAX_ADDRESSES);
+        // The oldest went first.
+        assert!(!l.limited(first));
+    }
+
+    #[test]
+    fn a_deleted_tokens_file_revokes_its_tokens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens.yml");
+        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        let a = Auth::new(None, Some(O.into()), Some(&p)).unwrap();
+        assert!(a.check(Some(R), None, Role::Read).is_ok());
+        std::fs::remove_file(&p).unwrap();
+        std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
+        // Without a runtime the check runs inline, so the first request after the second sees it.
+        let r = a.check(Some(R), None, Role::Read).unwrap_err();
+        assert_eq!(r.status, 401);
+        // The environment's tokens are unaffected.
+        assert!(a.check(Some(O), None, Role::Operate).is_ok());
+        // Back, it counts again.
+        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
+        assert!(a.check(Some(R), None, Role::Read).is_ok());
     }
 }

@@ -18,9 +18,10 @@
 //! ```
 //!
 //! Relative paths are read from the file's own directory. The file, and the certificate, key and
-//! CA files it names, are checked for changes at most once a second as connections arrive: a
-//! renewed certificate or a new user takes effect without a restart, and a broken edit keeps
-//! the previous settings (logged once). Whether TLS is on is fixed at start.
+//! CA files it names, are checked for changes at most once a second as connections arrive, on a
+//! blocking thread (a connection or request only takes the settings in force, and never waits
+//! for the files): a renewed certificate or a new user takes effect without a restart, and a
+//! broken edit keeps the previous settings (logged once). Whether TLS is on is fixed at start.
 //!
 //! What rustls cannot do safely is refused with a reason rather than silently weakened:
 //! TLS 1.0/1.1, client certificates that are requested but not verified
@@ -30,14 +31,16 @@
 //! successful check is remembered (by a SHA-256 of user, password and hash; never the password)
 //! so Prometheus's scrapes pay it once. Unknown users are checked against a dummy hash so the
 //! answer's timing does not tell which users exist. Failures count in
-//! `autotuner_http_basic_auth_failures_total` and, past ten a minute from one address, are
-//! answered 429. With basic auth on, the admin API's bearer token goes in `X-Autotuner-Token`.
+//! `autotuner_http_basic_auth_failures_total`. Attempts are counted before their bcrypt runs
+//! (`auth::Limiter`): past ten unverified or failed ones a minute from one address, it is
+//! answered 429, so a burst of wrong passwords costs at most ten bcrypts. With basic auth on, the admin API's bearer token goes in `X-Autotuner-Token`.
 //!
 //! Uses `yaml` and `auth::Limiter`; rustls with the aws-lc-rs provider.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -398,28 +401,127 @@ fn tls_config(
 }
 
 /// The settings in force for one connection or request.
+#[derive(Clone)]
 struct Snapshot {
     tls: Option<Arc<rustls::ServerConfig>>,
     users: Arc<BTreeMap<String, String>>,
     headers: Arc<Vec<(HeaderName, HeaderValue)>>,
 }
 
+impl Snapshot {
+    fn of(l: &Loaded) -> Snapshot {
+        Snapshot {
+            tls: l.tls.clone(),
+            users: l.users.clone(),
+            headers: l.headers.clone(),
+        }
+    }
+}
+
+/// What the refresher knows of the files on disk; only the refresher (one at a time) holds it.
+struct Disk {
+    /// The files read, with their modification times, to notice edits.
+    files: Vec<(PathBuf, Option<SystemTime>)>,
+    /// The last problem logged, so a lasting one is logged once.
+    error: Option<String>,
+}
+
+/// The file and the settings in force, shared with the refresher's blocking thread.
+struct Shared {
+    path: PathBuf,
+    tls_at_start: bool,
+    /// The settings in force. Requests and connections hold this lock only to clone the `Arc`s.
+    snapshot: Mutex<Snapshot>,
+    /// When the files were last checked. Held only to compare and set the time.
+    checked: Mutex<Instant>,
+    /// Whether a check is running, so a burst of connections starts one.
+    refreshing: AtomicBool,
+    disk: Mutex<Disk>,
+}
+
+/// How often the files are checked for changes.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl Shared {
+    fn current(&self) -> Snapshot {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts a check of the files when one is due: on a blocking thread when a runtime is
+    /// there (the caller goes on with the settings in force), inline otherwise.
+    fn maybe_refresh(self: &Arc<Self>) {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+            if checked.elapsed() < CHECK_EVERY {
+                return;
+            }
+            *checked = Instant::now();
+        }
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let run = move || {
+            me.refresh();
+            me.refreshing.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(run);
+            }
+            Err(_) => run(),
+        }
+    }
+
+    /// Re-reads the file when it or a file it names changed; a broken edit keeps the settings
+    /// in force (logged once).
+    fn refresh(&self) {
+        let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        if !disk.files.iter().any(|(p, m)| modified(p) != *m) {
+            return;
+        }
+        tracing::debug!(file = %self.path.display(), "web configuration changed; re-reading it");
+        match load(&self.path) {
+            Ok(l) if l.tls.is_some() != self.tls_at_start => {
+                let err = "turning TLS on or off needs a restart; keeping the previous web configuration".to_owned();
+                if disk.error.as_deref() != Some(err.as_str()) {
+                    tracing::error!(file = %self.path.display(), "{err}");
+                }
+                disk.error = Some(err);
+                // Remember these times: the same content is not re-read every second.
+                disk.files = l.files;
+            }
+            Ok(l) => {
+                tracing::info!(file = %self.path.display(), tls = l.tls.is_some(), users = l.users.len(), "web configuration reloaded");
+                *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = Snapshot::of(&l);
+                disk.files = l.files;
+                disk.error = None;
+            }
+            Err(err) => {
+                if disk.error.as_deref() != Some(err.as_str()) {
+                    tracing::error!(file = %self.path.display(), error = %err, "web configuration unusable; keeping the previous one");
+                }
+                disk.error = Some(err);
+                // Read again at the next edit, not every second.
+                for (p, m) in &mut disk.files {
+                    *m = modified(p);
+                }
+            }
+        }
+    }
+}
+
 /// The web configuration, re-read when its files change.
 pub struct WebConfig {
-    path: PathBuf,
-    state: Mutex<Current>,
+    shared: Arc<Shared>,
     /// Successful basic-auth checks: SHA-256 of (user, password, hash).
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     limiter: Limiter,
     failed: prometheus::IntCounterVec,
     handshakes: prometheus::IntCounterVec,
-}
-
-struct Current {
-    loaded: Loaded,
-    checked: Instant,
-    error: Option<String>,
-    tls_at_start: bool,
 }
 
 /// How many successful checks are remembered; past it the memory starts over.
@@ -432,6 +534,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 256;
 /// A valid bcrypt hash of a random password, checked for unknown users.
 const DUMMY_HASH: &str = "$2b$10$b4jZkSBoEyDmhQy9RESK3.8bxXXOF8iAHh6FTuQKvzpiRqyy5DF8.";
+
+/// The key a successful check is remembered by: a SHA-256 of user, password and hash.
+fn verified_key(user: &str, password: &str, hash: Option<&str>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [user, password, hash.unwrap_or("")] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
 
 impl WebConfig {
     /// Reads the file; an error here stops the start (the process never serves half-protected).
@@ -460,12 +572,16 @@ impl WebConfig {
             handshakes.with_label_values(&[reason]);
         }
         Ok(WebConfig {
-            path: path.to_path_buf(),
-            state: Mutex::new(Current {
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
                 tls_at_start: loaded.tls.is_some(),
-                loaded,
-                checked: Instant::now(),
-                error: None,
+                snapshot: Mutex::new(Snapshot::of(&loaded)),
+                checked: Mutex::new(Instant::now()),
+                refreshing: AtomicBool::new(false),
+                disk: Mutex::new(Disk {
+                    files: loaded.files,
+                    error: None,
+                }),
             }),
             verified: Mutex::new(HashMap::new()),
             limiter: Limiter::default(),
@@ -481,65 +597,30 @@ impl WebConfig {
 
     /// Whether connections are TLS.
     pub fn tls(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .tls_at_start
+        self.shared.tls_at_start
     }
 
-    /// The current settings, re-read first when a file changed (checked at most once a second).
+    /// The settings in force; starts a check of the files when one is due (at most once a
+    /// second, never on the caller's thread when a runtime is there).
     fn current(&self) -> Snapshot {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if st.checked.elapsed() >= Duration::from_secs(1) {
-            st.checked = Instant::now();
-            let changed = st.loaded.files.iter().any(|(p, m)| modified(p) != *m);
-            if changed {
-                match load(&self.path) {
-                    Ok(l) if l.tls.is_some() != st.tls_at_start => {
-                        let err = "turning TLS on or off needs a restart; keeping the previous web configuration".to_owned();
-                        if st.error.as_deref() != Some(err.as_str()) {
-                            tracing::error!(file = %self.path.display(), "{err}");
-                        }
-                        st.error = Some(err);
-                    }
-                    Ok(l) => {
-                        tracing::info!(file = %self.path.display(), tls = l.tls.is_some(), users = l.users.len(), "web configuration reloaded");
-                        st.loaded = l;
-                        st.error = None;
-                    }
-                    Err(err) => {
-                        if st.error.as_deref() != Some(err.as_str()) {
-                            tracing::error!(file = %self.path.display(), error = %err, "web configuration unusable; keeping the previous one");
-                        }
-                        st.error = Some(err);
-                    }
-                }
-            }
-        }
-        Snapshot {
-            tls: st.loaded.tls.clone(),
-            users: st.loaded.users.clone(),
-            headers: st.loaded.headers.clone(),
-        }
+        self.shared.maybe_refresh();
+        self.shared.current()
+    }
+
+    /// Whether `user`/`password` passed a check recently (no bcrypt).
+    fn remembered(&self, users: &BTreeMap<String, String>, user: &str, password: &str) -> bool {
+        let Some(hash) = users.get(user) else {
+            return false;
+        };
+        let key = verified_key(user, password, Some(hash));
+        let v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        v.get(&key).is_some_and(|t| t.elapsed() < VERIFIED_FOR)
     }
 
     /// Checks `user`/`password` against `users` (bcrypt, off the async workers).
     async fn verify(&self, users: &BTreeMap<String, String>, user: &str, password: &str) -> bool {
         let hash = users.get(user).cloned();
-        let key: [u8; 32] = {
-            let mut h = Sha256::new();
-            for part in [user, password, hash.as_deref().unwrap_or("")] {
-                h.update((part.len() as u64).to_le_bytes());
-                h.update(part.as_bytes());
-            }
-            h.finalize().into()
-        };
-        if hash.is_some() {
-            let v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-            if v.get(&key).is_some_and(|t| t.elapsed() < VERIFIED_FOR) {
-                return true;
-            }
-        }
+        let key = verified_key(user, password, hash.as_deref());
         let password = password.to_owned();
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_owned());
@@ -590,7 +671,9 @@ fn unauthorized(status: StatusCode, message: &str, path: &str) -> Response {
 }
 
 /// The middleware: basic auth when users are configured, and the configured headers on every
-/// answer.
+/// answer. An attempt is counted before its bcrypt runs, so a burst of wrong passwords from one
+/// address costs at most ten bcrypts a minute; a remembered success costs none and is not
+/// counted.
 pub async fn middleware(State(web): State<Arc<WebConfig>>, req: Request, next: Next) -> Response {
     let Snapshot { users, headers, .. } = web.current();
     let mut resp = if users.is_empty() {
@@ -601,28 +684,38 @@ pub async fn middleware(State(web): State<Arc<WebConfig>>, req: Request, next: N
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
         let path = req.uri().path().to_owned();
-        if web.limiter.limited(from) {
+        let limited = || {
             web.failed.with_label_values(&["rate_limited"]).inc();
             unauthorized(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many failed attempts from this address; wait a minute",
                 &path,
             )
+        };
+        if web.limiter.limited(from) {
+            limited()
         } else {
             match basic_credentials(&req) {
                 None => {
                     web.failed.with_label_values(&["missing"]).inc();
                     unauthorized(StatusCode::UNAUTHORIZED, "Unauthorized", &path)
                 }
-                Some((user, password)) => {
-                    if web.verify(&users, &user, &password).await {
-                        next.run(req).await
-                    } else {
-                        web.failed.with_label_values(&["invalid"]).inc();
-                        web.limiter.fail(from);
-                        unauthorized(StatusCode::UNAUTHORIZED, "Unauthorized", &path)
-                    }
+                Some((user, password)) if web.remembered(&users, &user, &password) => {
+                    next.run(req).await
                 }
+                Some((user, password)) => match web.limiter.attempt(from) {
+                    None => limited(),
+                    Some(attempt) => {
+                        if web.verify(&users, &user, &password).await {
+                            attempt.succeeded();
+                            next.run(req).await
+                        } else {
+                            // The attempt stays counted.
+                            web.failed.with_label_values(&["invalid"]).inc();
+                            unauthorized(StatusCode::UNAUTHORIZED, "Unauthorized", &path)
+                        }
+                    }
+                },
             }
         }
     };
