@@ -245,6 +245,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .register(c)
             .context("registering the state files' metrics")?;
     }
+    if let Some(c) = crate::audit::rotation_error_counter() {
+        registry
+            .register(c)
+            .context("registering the audit log's metrics")?;
+    }
     let admin = Admin {
         actions: Some(actions.clone()),
         auth: Arc::new(auth),
