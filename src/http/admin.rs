@@ -595,6 +595,7 @@ async fn webhook(
     }
     let got = admin.intake.receive(payload, crate::collect::now_ms());
     if got.firing + got.resolved > 0 {
+        admin.intake.persist().await;
         audit_api(
             &state,
             &caller,
