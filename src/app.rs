@@ -188,6 +188,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    // Received alerts held before a restart are published before the first rule tick, so a rule
+    // firing on one does not resolve for want of it.
+    let intake = Arc::new(AlertIntake::restore(
+        registry.clone(),
+        data_dir,
+        crate::collect::now_ms(),
+    ));
+    tasks.push(tokio::spawn(intake.clone().run(shutdown.clone())));
     let (request_tx, request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
     let engine = Engine::new(
         registry.clone(),
@@ -245,10 +253,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .register(c)
             .context("registering the state files' metrics")?;
     }
+    if let Some(c) = crate::audit::rotation_error_counter() {
+        registry
+            .register(c)
+            .context("registering the audit log's metrics")?;
+    }
     let admin = Admin {
         actions: Some(actions.clone()),
         auth: Arc::new(auth),
-        intake: Arc::new(AlertIntake::new(registry.clone())),
+        intake,
     };
     tasks.push(tokio::spawn(
         actions.clone().run(request_rx, shutdown.clone()),

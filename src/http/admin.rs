@@ -8,7 +8,7 @@
 //! | GET | `/api/v1/rules` | read | every rule with state, health, errors, instances; the last reload |
 //! | GET | `/api/v1/rules/{name}` | read | one rule, and each part of its conditions evaluated now |
 //! | POST | `/api/v1/rules/{name}/mode` | operate | `{"mode": "observe"\|"dry_run"\|"enforce"\|null}` |
-//! | GET | `/api/v1/audit` | read | audit records, newest first: `rule`, `decision`, `phase`, `since`, `until`, `limit`, `offset` |
+//! | GET | `/api/v1/audit` | read | audit records, newest first: `rule`, `decision`, `phase`, `since`, `until`, `limit`, `offset`, `cursor`; bounded (see [`AUDIT_SCAN_BYTES`], [`AUDIT_READERS`]) |
 //! | GET | `/api/v1/knobs`, `/api/v1/knobs/{name}` | read | knobs with values, bounds, status |
 //! | POST | `/api/v1/knobs/{name}` | operate | `{"value": N}` within the bounds |
 //! | GET | `/api/v1/breakers` | read | open circuit breakers |
@@ -41,7 +41,7 @@ use super::auth::{Auth, Caller, Role};
 use super::intake::{AlertIntake, Payload};
 use crate::actions::Mode;
 use crate::actions::runner::Actions;
-use crate::audit::{Record, rfc3339};
+use crate::audit::{AuditError, Cursor, Record, rfc3339};
 
 /// The admin API's parts.
 pub struct Admin {
@@ -322,7 +322,18 @@ struct AuditQuery {
     until: Option<String>,
     limit: Option<usize>,
     offset: Option<usize>,
+    cursor: Option<String>,
 }
+
+/// Bytes of the log one audit request reads at most (after at least one whole line): the
+/// answer then says `truncated` and gives the `next_cursor` to go on from.
+pub const AUDIT_SCAN_BYTES: u64 = 4 << 20;
+
+/// Audit requests read at once at most; more are refused (503) rather than queued, so a burst
+/// of them never ties up the blocking threads or memory.
+pub const AUDIT_READERS: usize = 4;
+
+static AUDIT_READ_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AUDIT_READERS);
 
 /// Milliseconds since the epoch, from a number of them or RFC 3339.
 fn time_arg(text: &str) -> Result<i64, String> {
@@ -365,6 +376,31 @@ async fn audit(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let offset = q.offset.unwrap_or(0);
+    let from = match q
+        .cursor
+        .as_deref()
+        .map(|c| Cursor::parse(c).ok_or(c))
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(c) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cursor: {c:?} is not a cursor this server gave (next_cursor)"),
+            );
+        }
+    };
+    let Ok(_slot) = AUDIT_READ_SLOTS.try_acquire() else {
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many audit reads at once (at most {AUDIT_READERS}); retry shortly"),
+        );
+        resp.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return resp;
+    };
     let found = tokio::task::spawn_blocking(move || {
         acts.audit().query(
             |r| {
@@ -380,18 +416,30 @@ async fn audit(
                     && since.is_none_or(|s| r.ts_ms >= s)
                     && until.is_none_or(|u| r.ts_ms <= u)
             },
+            from,
             offset,
             limit,
+            AUDIT_SCAN_BYTES,
         )
     })
     .await;
     match found {
-        Ok(Ok(records)) => ok(json!({
-            "records": records,
-            "offset": offset,
-            "limit": limit,
-            "next_offset": (records.len() == limit).then_some(offset + limit),
-        })),
+        Ok(Ok(page)) => {
+            let full = page.records.len() == limit;
+            ok(json!({
+                "records": page.records,
+                "offset": offset,
+                "limit": limit,
+                // Offsets count from the newest record each time; the cursor goes on where
+                // this read stopped, also when the byte bound stopped it.
+                "next_offset": (full && from.is_none()).then_some(offset + limit),
+                "next_cursor": page.next.map(|c| c.encode()),
+                "truncated": page.truncated,
+                "scanned_bytes": page.scanned_bytes,
+                "max_scan_bytes": AUDIT_SCAN_BYTES,
+            }))
+        }
+        Ok(Err(AuditError::Expired)) => error(StatusCode::GONE, AuditError::Expired.to_string()),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -569,6 +617,7 @@ async fn webhook(
     }
     let got = admin.intake.receive(payload, crate::collect::now_ms());
     if got.firing + got.resolved > 0 {
+        admin.intake.persist().await;
         audit_api(
             &state,
             &caller,
