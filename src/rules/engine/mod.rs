@@ -376,7 +376,10 @@ pub(crate) fn evaluate<S: SeriesSource>(
     let absent = active.is_empty() && !rule.expr.has_data(source, now_ms);
     if absent {
         match rule.on_absent {
-            OnAbsent::Hold => return Ok(Vec::new()),
+            OnAbsent::Hold => {
+                hold(rt);
+                return Ok(Vec::new());
+            }
             OnAbsent::Clear => {}
             OnAbsent::Fire => {
                 let mut keys: Vec<Labels> = rt.instances.keys().cloned().collect();
@@ -390,6 +393,16 @@ pub(crate) fn evaluate<S: SeriesSource>(
         }
     }
     Ok(advance(rule, rt, &active, clear.as_ref(), now_ms))
+}
+
+/// `on_absent: hold` over a rule's instances: firing ones stay, pending ones start over.
+fn hold(rt: &mut Runtime) {
+    let before = rt.instances.len();
+    rt.instances
+        .retain(|_, (s, _)| !matches!(state::step_absent_hold(*s).state, State::Inactive));
+    if rt.instances.len() != before {
+        rt.dirty = true;
+    }
 }
 
 fn advance(

@@ -206,15 +206,29 @@ fn state_survives_a_restart() {
 }
 
 #[test]
-fn on_absent_hold_keeps_state_through_a_data_gap() {
+fn on_absent_hold_keeps_firing_through_a_data_gap_but_not_pending() {
     let (_dir, r, engine, _rx) = setup(RULE);
     publish_memory(&r, 0.9, 0);
     engine.tick(0);
     // The series goes stale (the collector stopped publishing it): no data behind the rule.
     r.publish("host", Vec::new(), 5_000);
     engine.tick(5_000);
+    assert!(
+        engine.status()[0].instances.is_empty(),
+        "a pending instance starts over after a gap"
+    );
+    publish_memory(&r, 0.9, 10_000);
+    engine.tick(10_000);
+    publish_memory(&r, 0.9, 20_000);
+    engine.tick(20_000);
     assert!(matches!(
         engine.status()[0].instances[0].state,
-        State::Pending { .. }
+        State::Firing { .. }
     ));
+    r.publish("host", Vec::new(), 25_000);
+    engine.tick(25_000);
+    assert!(
+        matches!(engine.status()[0].instances[0].state, State::Firing { .. }),
+        "a firing instance holds through a gap"
+    );
 }
