@@ -26,8 +26,8 @@ pub use watch::watch;
 
 use persist::persisted;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -37,11 +37,12 @@ use tokio::sync::mpsc;
 
 use super::compile::Rule;
 use super::expr::{Evaluator, Memo, SeriesSource, Value};
-use super::file::{Mode, OnAbsent};
+use super::file::OnAbsent;
 use super::state::{self, Observed, State};
 use crate::actions::Event;
 use crate::registry::Registry;
 use crate::sample::Labels;
+use crate::statefile::StateFile;
 
 pub use crate::actions::ActionRequest;
 
@@ -59,7 +60,7 @@ pub(crate) struct Runtime {
 }
 
 struct Loaded {
-    rules: Vec<Rule>,
+    rules: Arc<Vec<Rule>>,
     runtime: HashMap<String, Runtime>,
     reload: ReloadStatus,
     /// The selections, aggregations and calls written in more than one place, worth keeping
@@ -72,8 +73,11 @@ struct Loaded {
 pub struct Engine {
     registry: Arc<Registry>,
     dir: PathBuf,
-    state_file: Option<PathBuf>,
+    state_file: Option<StateFile>,
     inner: Mutex<Loaded>,
+    /// What the API shows, published after every tick and reload, so that reading it never
+    /// waits for a tick (which holds `inner` while it evaluates every due rule).
+    view: Mutex<Arc<view::View>>,
     requests: mpsc::Sender<ActionRequest>,
     metrics: Metrics,
     /// Whether the loaded rules were checked against what the collectors publish (once the
@@ -82,10 +86,15 @@ pub struct Engine {
     /// What was last written to the state file: unchanged state is not written (and fsynced)
     /// again every tick.
     last_persisted: Mutex<Vec<u8>>,
+    /// The last write of the state file failed: the next tick writes it again.
+    persist_retry: AtomicBool,
     /// Modes set through the admin API, by rule, overriding the files' (persisted in
-    /// `modes.json`; the files stay the source of truth for everything else).
-    modes: Mutex<BTreeMap<String, Mode>>,
-    modes_file: Option<PathBuf>,
+    /// `modes.json`; the files stay the source of truth for everything else). A lock of their
+    /// own: setting one never waits for a tick.
+    modes: Mutex<persist::Modes>,
+    modes_file: Option<StateFile>,
+    /// State files found unreadable at start, shown with the reload warnings.
+    state_problems: Mutex<Vec<String>>,
 }
 
 struct Metrics {
@@ -160,12 +169,16 @@ impl Engine {
         requests: mpsc::Sender<ActionRequest>,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new(&registry)?;
+        let modes_file = data_dir.map(|d| StateFile::new(d.join("modes.json")));
+        let mut state_problems = Vec::new();
+        let modes = persist::Modes::load(modes_file.as_ref(), &mut state_problems);
         let engine = Arc::new(Engine {
             registry,
             dir,
-            state_file: data_dir.map(|d| d.join("rule_state.json")),
+            state_file: data_dir.map(|d| StateFile::new(d.join("rule_state.json"))),
+            view: Mutex::new(Arc::default()),
             inner: Mutex::new(Loaded {
-                rules: Vec::new(),
+                rules: Arc::default(),
                 runtime: HashMap::default(),
                 reload: ReloadStatus::default(),
                 shared: Arc::default(),
@@ -174,17 +187,15 @@ impl Engine {
             requests,
             metrics,
             last_persisted: Mutex::new(Vec::new()),
+            persist_retry: AtomicBool::new(false),
             names_checked: std::sync::atomic::AtomicBool::new(false),
-            modes: Mutex::new(
-                data_dir
-                    .and_then(|d| std::fs::read(d.join("modes.json")).ok())
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default(),
-            ),
-            modes_file: data_dir.map(|d| d.join("modes.json")),
+            modes: Mutex::new(modes),
+            modes_file,
+            state_problems: Mutex::new(state_problems),
         });
         let _ = engine.reload();
         engine.restore();
+        engine.publish(&engine.lock());
         Ok(engine)
     }
 
@@ -205,7 +216,6 @@ impl Engine {
     /// Warns (in the log and the reload status) about metrics the rules name that no running
     /// collector publishes: usually a typo, or a collector that is not configured.
     fn check_names(&self) {
-        use std::sync::atomic::Ordering;
         if self.names_checked.load(Ordering::Relaxed) || !self.registry.is_ready() {
             return;
         }
@@ -214,7 +224,7 @@ impl Engine {
         let retention = i64::MAX / 2;
         let mut inner = self.lock();
         let mut warnings = Vec::new();
-        for r in &inner.rules {
+        for r in inner.rules.iter() {
             let mut names = r.expr.metric_names();
             if let Some(c) = &r.clear {
                 names.extend(c.metric_names());
@@ -297,17 +307,29 @@ impl Engine {
         // Only a change of state is worth a write: building and serializing the snapshot every
         // tick would put that work on the evaluation path for nothing.
         let dirty = runtime.values().any(|rt| rt.dirty);
-        let snapshot = if dirty {
-            runtime.values_mut().for_each(|rt| rt.dirty = false);
-            Some(persisted(rules, runtime))
-        } else {
-            None
+        let dirty = dirty || self.persist_retry.swap(false, Ordering::SeqCst);
+        // Stamped under the lock, so that of two snapshots written concurrently (a tick and a
+        // reload's), the newer is the one that stays on disk.
+        let snapshot = match &self.state_file {
+            Some(file) if dirty => {
+                runtime.values_mut().for_each(|rt| rt.dirty = false);
+                Some((file.stamp(), persisted(rules, runtime)))
+            }
+            _ => None,
         };
+        self.publish(&inner);
         drop(inner);
+        // The state goes to disk before any request leaves: a crash between the two must find
+        // the instance already firing at restart, or a `for: 0` rule would fire (and act) again.
+        // A failed write is logged and counted, and retried next tick; the requests still go,
+        // since holding them back would lose the firing edge for good.
+        if let (Some((stamp, snapshot)), Some(file)) = (snapshot, &self.state_file) {
+            self.persist(file, stamp, &snapshot);
+        }
         let modes = self.modes().clone();
         for mut r in requests {
-            if let Some(m) = modes.get(&r.rule) {
-                r.mode = Some(*m);
+            if let Some(m) = modes.mode_of(&r.rule) {
+                r.mode = Some(m);
             }
             if r.event != Event::Resolved {
                 self.metrics.requests.with_label_values(&[&r.rule]).inc();
@@ -318,9 +340,6 @@ impl Engine {
             if let Err(err) = self.requests.try_send(r) {
                 tracing::warn!(error = %err, "action request dropped: the actions stage is not keeping up");
             }
-        }
-        if let (Some(snapshot), Some(path)) = (snapshot, &self.state_file) {
-            self.persist(path, &snapshot);
         }
         evaluated
     }

@@ -1,11 +1,14 @@
 //! What the engine keeps on disk in the data directory: each rule's instances (so state
 //! survives a restart) and the mode overrides set through the admin API (`modes.json`).
 //!
-//! Uses the engine's loaded set and `view::Instance` (the persisted form of an instance).
+//! Both go through `statefile` (one writer per file, stamped snapshots, durable replacement
+//! with a directory fsync); an unreadable file at start is an error, logged and counted, never
+//! silently replaced. Uses the engine's loaded set and `view::Instance` (the persisted form of
+//! an instance).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 
 use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
@@ -15,6 +18,7 @@ use super::{Engine, Loaded, Runtime, fingerprint};
 use crate::rules::compile::Rule;
 use crate::rules::file::Mode;
 use crate::sample::Labels;
+use crate::statefile::StateFile;
 
 /// What is persisted: each rule's instances, with a fingerprint of its definition so a changed
 /// rule does not inherit the state of its former self.
@@ -29,35 +33,102 @@ struct PersistedRule {
     instances: Vec<Instance>,
 }
 
+/// The mode overrides set through the admin API, as loaded from `modes.json`.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Modes {
+    by_rule: BTreeMap<String, Mode>,
+    /// Why `modes.json` could not be read at start. Until it is fixed (or removed) and the
+    /// engine restarted, every rule is held in `observe`: an override the operator set to stop
+    /// a rule from acting must not silently fall back to the file's mode.
+    unreadable: Option<String>,
+}
+
+impl Modes {
+    /// The overrides in `file`; an unreadable file is reported in `problems`, logged, counted
+    /// (by `statefile`) and kept as it is.
+    pub(super) fn load(file: Option<&StateFile>, problems: &mut Vec<String>) -> Modes {
+        let Some(file) = file else {
+            return Modes::default();
+        };
+        match file.load::<BTreeMap<String, Mode>>() {
+            Ok(by_rule) => Modes {
+                by_rule: by_rule.unwrap_or_default(),
+                unreadable: None,
+            },
+            Err(err) => {
+                let message = format!(
+                    "{err}: every rule acts in observe mode until it is fixed or removed and the autotuner restarted"
+                );
+                tracing::error!(error = %message, "mode overrides unreadable");
+                problems.push(message.clone());
+                Modes {
+                    by_rule: BTreeMap::new(),
+                    unreadable: Some(message),
+                }
+            }
+        }
+    }
+
+    /// The mode a rule's override gives it, if any.
+    pub(super) fn mode_of(&self, rule: &str) -> Option<Mode> {
+        if self.unreadable.is_some() {
+            return Some(Mode::Observe);
+        }
+        self.by_rule.get(rule).copied()
+    }
+
+    /// Whether the rule's mode is set here rather than in its file.
+    pub(super) fn overrides(&self, rule: &str) -> bool {
+        self.unreadable.is_some() || self.by_rule.contains_key(rule)
+    }
+}
+
 impl Engine {
-    pub(super) fn modes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Mode>> {
+    pub(super) fn modes(&self) -> std::sync::MutexGuard<'_, Modes> {
         self.modes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets (or, with `None`, clears) a rule's mode override. `Err` when there is no such rule.
-    pub fn set_mode(&self, rule: &str, mode: Option<Mode>) -> Result<(), String> {
-        if !self.lock().rules.iter().any(|r| r.name == rule) {
+    /// Sets (or, with `None`, clears) a rule's mode override and writes the overrides durably
+    /// (off the async workers) before answering. `Err` when there is no such rule, when the
+    /// overrides file was unreadable at start, or when the write fails (the override then
+    /// holds until restart, and the error says so). Never waits for a tick.
+    pub async fn set_mode(&self, rule: &str, mode: Option<Mode>) -> Result<(), String> {
+        if !self.view().rules.iter().any(|r| r.name == rule) {
             return Err(format!("no rule named {rule:?}"));
         }
-        let bytes = {
+        let (stamp, bytes) = {
             let mut modes = self.modes();
+            if let Some(why) = &modes.unreadable {
+                return Err(why.clone());
+            }
             match mode {
-                Some(m) => modes.insert(rule.to_owned(), m),
-                None => modes.remove(rule),
+                Some(m) => modes.by_rule.insert(rule.to_owned(), m),
+                None => modes.by_rule.remove(rule),
             };
-            serde_json::to_vec(&*modes).unwrap_or_default()
+            let bytes = serde_json::to_vec(&modes.by_rule)
+                .map_err(|e| format!("serializing the mode overrides: {e}"))?;
+            (self.modes_file.as_ref().map(StateFile::stamp), bytes)
         };
-        if let Some(path) = &self.modes_file
-            && let Err(err) = write_atomically(path, &bytes)
+        if let (Some(file), Some(stamp)) = (&self.modes_file, stamp)
+            && let Err(err) = file.write(stamp, bytes).await
         {
-            tracing::warn!(error = %err, path = %path.display(), "persisting mode overrides failed");
+            tracing::error!(error = %err, "persisting mode overrides failed");
+            return Err(format!(
+                "the mode is set but not persisted, so it will not survive a restart: {err}"
+            ));
         }
         Ok(())
     }
 
-    pub(super) fn persist(&self, path: &Path, snapshot: &Persisted) {
-        let Ok(bytes) = serde_json::to_vec(snapshot) else {
-            return;
+    /// Writes the rule state durably, unless it is what was last written. Called on the
+    /// engine's blocking thread, before the tick's requests are sent.
+    pub(super) fn persist(&self, file: &StateFile, stamp: u64, snapshot: &Persisted) {
+        let bytes = match serde_json::to_vec(snapshot) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(error = %err, "serializing the rule state failed");
+                return;
+            }
         };
         let mut last = self
             .last_persisted
@@ -66,29 +137,42 @@ impl Engine {
         if *last == bytes {
             return;
         }
-        match write_atomically(path, &bytes) {
-            Ok(()) => *last = bytes,
+        match file.write_blocking(stamp, &bytes) {
+            Ok(true) => *last = bytes,
+            Ok(false) => {}
             Err(err) => {
-                tracing::warn!(error = %err, path = %path.display(), "persisting rule state failed")
+                self.persist_retry.store(true, Ordering::SeqCst);
+                tracing::error!(error = %err, "persisting rule state failed; retrying next tick");
             }
         }
     }
 
-    /// Restores persisted state for rules whose definition is unchanged.
+    /// Restores persisted state for rules whose definition is unchanged. An unreadable state
+    /// file is an error, logged, counted (by `statefile`) and shown with the reload warnings;
+    /// it is moved aside (`rule_state.json.unreadable`) for inspection rather than overwritten
+    /// by the fresh state the engine then starts from.
     pub(super) fn restore(&self) {
-        let Some(path) = &self.state_file else { return };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+        let Some(file) = &self.state_file else { return };
+        let saved: Persisted = match file.load() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
             Err(err) => {
-                tracing::warn!(error = %err, path = %path.display(), "reading persisted rule state failed; starting fresh");
-                return;
-            }
-        };
-        let saved: Persisted = match serde_json::from_str(&text) {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::warn!(error = %err, path = %path.display(), "persisted rule state unreadable; starting fresh");
+                let aside = file.path().with_extension("json.unreadable");
+                let message = match std::fs::rename(file.path(), &aside) {
+                    Ok(()) => format!(
+                        "{err}; moved to {} and starting from fresh rule state",
+                        aside.display()
+                    ),
+                    Err(e) => format!(
+                        "{err}; moving it to {} failed ({e}): it will be overwritten by fresh rule state",
+                        aside.display()
+                    ),
+                };
+                tracing::error!(error = %message, "persisted rule state unreadable");
+                self.state_problems
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(message);
                 return;
             }
         };
@@ -139,17 +223,4 @@ pub(super) fn persisted(rules: &[Rule], runtime: &HashMap<String, Runtime>) -> P
         );
     }
     out
-}
-
-/// Writes through a temporary file and a rename, so a crash leaves the old file or the new one,
-/// never half of one.
-pub(super) fn write_atomically(path: &Path, text: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }

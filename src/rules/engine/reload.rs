@@ -85,7 +85,7 @@ impl Engine {
         let count = loaded.rules.len();
         let hash = set_hash(&loaded.rules);
         (inner.shared, inner.sharing) = sharing(&loaded.rules);
-        inner.rules = loaded.rules;
+        inner.rules = Arc::new(loaded.rules);
         inner.runtime = next;
         inner.reload = ReloadStatus {
             success: true,
@@ -94,6 +94,7 @@ impl Engine {
             warnings: warnings.clone(),
             hash,
         };
+        self.publish(&inner);
         drop(inner);
         for w in &warnings {
             tracing::warn!(warning = %w, "rule warning");
@@ -124,6 +125,8 @@ impl Engine {
             warnings,
             hash: inner.reload.hash.clone(),
         };
+        self.publish(&inner);
+        drop(inner);
         self.metrics.reload_ok.set(0.0);
         self.metrics.reload_ts.set(now as f64 / 1000.0);
         errors

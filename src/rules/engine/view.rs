@@ -7,7 +7,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::Engine;
+use std::sync::{Arc, PoisonError};
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::{Engine, Loaded, Runtime};
+use crate::rules::compile::Rule;
 use crate::rules::expr::{Evaluator, Value};
 use crate::rules::file::Mode;
 use crate::rules::state::State;
@@ -108,8 +113,8 @@ impl Engine {
     /// Evaluates a rule's conditions and their operands now: "why is it (not) firing?".
     pub fn explain(&self, rule: &str) -> Option<Explanation> {
         let (expr, clear) = {
-            let inner = self.lock();
-            let r = inner.rules.iter().find(|r| r.name == rule)?;
+            let view = self.view();
+            let r = view.rules.iter().find(|r| r.name == rule)?;
             (r.expr.clone(), r.clear.clone())
         };
         let now = crate::collect::now_ms();
@@ -158,55 +163,101 @@ impl Engine {
         })
     }
 
-    /// The last reload's outcome.
+    /// The last reload's outcome (as of the last tick or reload: never waits for a tick).
     pub fn reload_status(&self) -> ReloadStatus {
-        self.lock().reload.clone()
+        self.view().reload.clone()
     }
 
-    /// Every rule's status.
+    /// Every rule's status, as of its last evaluation (never waits for a tick).
     pub fn status(&self) -> Vec<RuleStatus> {
+        let view = self.view();
         let modes = self.modes().clone();
-        let inner = self.lock();
-        inner
-            .rules
+        view.statuses
             .iter()
-            .map(|r| {
-                let rt = inner.runtime.get(&r.name);
-                let mut instances: Vec<Instance> = rt
-                    .map(|rt| {
-                        rt.instances
-                            .iter()
-                            .map(|(l, (s, v))| instance(l, *s, *v))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                instances.sort_by(|a, b| a.labels.cmp(&b.labels));
-                RuleStatus {
-                    name: r.name.clone(),
-                    group: r.group.clone(),
-                    file: r.source.display().to_string(),
-                    expr: r.expr.text.clone(),
-                    clear: r.clear.as_ref().map(|q| q.text.clone()),
-                    health: match rt {
-                        Some(rt) if rt.last_error.is_some() => "err",
-                        Some(rt) if rt.last_evaluation_ms.is_some() => "ok",
-                        _ => "unknown",
-                    },
-                    last_error: rt.and_then(|rt| rt.last_error.clone()),
-                    last_evaluation_ms: rt.and_then(|rt| rt.last_evaluation_ms),
-                    evaluation_seconds: rt.map_or(0.0, |rt| rt.evaluation_seconds),
-                    instances,
-                    mode: modes
-                        .get(&r.name)
-                        .copied()
-                        .or(r.mode)
-                        .unwrap_or(Mode::DryRun),
-                    mode_overridden: modes.contains_key(&r.name),
-                    actions: r.actions.iter().map(|a| a.kind().to_owned()).collect(),
+            .map(|s| {
+                let mut s = s.clone();
+                if let Some(m) = modes.mode_of(&s.name) {
+                    s.mode = m;
                 }
+                s.mode_overridden = modes.overrides(&s.name);
+                s
             })
             .collect()
     }
+
+    /// The snapshot last published.
+    pub(super) fn view(&self) -> Arc<View> {
+        self.view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Publishes what the API shows from the loaded set (call with `inner` locked, at the end
+    /// of a tick or reload).
+    pub(super) fn publish(&self, inner: &Loaded) {
+        let mut reload = inner.reload.clone();
+        reload.warnings.extend(
+            self.state_problems
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned(),
+        );
+        let view = View {
+            rules: inner.rules.clone(),
+            statuses: statuses(&inner.rules, &inner.runtime),
+            reload,
+        };
+        *self.view.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+    }
+}
+
+/// What the API reads, published by the engine after each tick and reload.
+#[derive(Default)]
+pub(super) struct View {
+    /// The loaded rules (for `explain`, and to tell whether a rule exists).
+    pub(super) rules: Arc<Vec<Rule>>,
+    /// Each rule's status, with the mode its file gives it.
+    statuses: Vec<RuleStatus>,
+    reload: ReloadStatus,
+}
+
+fn statuses(rules: &[Rule], runtime: &HashMap<String, Runtime>) -> Vec<RuleStatus> {
+    rules
+        .iter()
+        .map(|r| {
+            let rt = runtime.get(&r.name);
+            let mut instances: Vec<Instance> = rt
+                .map(|rt| {
+                    rt.instances
+                        .iter()
+                        .map(|(l, (s, v))| instance(l, *s, *v))
+                        .collect()
+                })
+                .unwrap_or_default();
+            instances.sort_by(|a, b| a.labels.cmp(&b.labels));
+            RuleStatus {
+                name: r.name.clone(),
+                group: r.group.clone(),
+                file: r.source.display().to_string(),
+                expr: r.expr.text.clone(),
+                clear: r.clear.as_ref().map(|q| q.text.clone()),
+                health: match rt {
+                    Some(rt) if rt.last_error.is_some() => "err",
+                    Some(rt) if rt.last_evaluation_ms.is_some() => "ok",
+                    _ => "unknown",
+                },
+                last_error: rt.and_then(|rt| rt.last_error.clone()),
+                last_evaluation_ms: rt.and_then(|rt| rt.last_evaluation_ms),
+                evaluation_seconds: rt.map_or(0.0, |rt| rt.evaluation_seconds),
+                instances,
+                mode: r.mode.unwrap_or(Mode::DryRun),
+                mode_overridden: false,
+                actions: r.actions.iter().map(|a| a.kind().to_owned()).collect(),
+            }
+        })
+        .collect()
 }
 
 /// An instance as shown and persisted (a non-finite value, which JSON cannot hold, as none).
