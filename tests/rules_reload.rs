@@ -71,11 +71,17 @@ async fn rules_fire_reload_on_save_and_survive_broken_edits() {
     assert_eq!(rule["health"], "ok");
     assert_eq!(rule["instances"][0]["labels"]["team"], "ops");
     assert_eq!(v["data"]["reload"]["success"], true);
-    let log = app.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("actions requested") || log.contains("rule firing"),
-        "{log}"
-    );
+    // The one line a rule without actions logs on its firing edge.
+    let firing: Vec<serde_json::Value> = app
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "rule firing")
+        .collect();
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    assert_eq!(firing[0]["rule"], "HasCpus");
 
     // An edit saved by rename: picked up without a restart.
     let saved = Instant::now();
@@ -154,4 +160,67 @@ async fn rules_fire_reload_on_save_and_survive_broken_edits() {
             .is_some_and(|t| t > before)
     })
     .await;
+}
+
+/// The log lines saying a reload failed.
+fn failed_reloads(app: &Autotuner) -> usize {
+    app.log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "rule reload failed; keeping the running rules")
+        .count()
+}
+
+const BROKEN: &str =
+    "groups:\n  - name: host\n    rules:\n      - name: HasCpus\n        expr: host_cpus >\n";
+
+/// The engine's own reads of a broken file must not count as changes (they once made the
+/// watcher reload it about nine times a second, forever): one failed reload per change.
+#[tokio::test]
+async fn a_broken_file_is_reloaded_once_per_change_not_on_the_engines_own_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    save(dir.path(), "host.yml", BROKEN);
+    let app = Autotuner::start(&[&format!("--rules.dir={}", dir.path().display())], &[])
+        .await_ready()
+        .await;
+    let at_start = app
+        .scrape()
+        .await
+        .value("autotuner_rules_last_reload_timestamp_seconds", &[])
+        .unwrap();
+    // Nothing changes for a few seconds: the load at start is the only attempt.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(failed_reloads(&app), 1, "only the load at start");
+    assert_eq!(
+        app.scrape()
+            .await
+            .value("autotuner_rules_last_reload_timestamp_seconds", &[]),
+        Some(at_start),
+        "no reload without a change"
+    );
+
+    // One change, still broken: exactly one more attempt, reported once.
+    save(
+        dir.path(),
+        "host.yml",
+        &BROKEN.replace("host_cpus >", "host_cpus > on("),
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while failed_reloads(&app) < 2 {
+        assert!(Instant::now() < deadline, "the change was not reloaded");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(failed_reloads(&app), 2, "one attempt for one change");
+
+    // Fixing it reloads.
+    save(dir.path(), "host.yml", FIRING);
+    let v = rules_until(&app, "the fixed rule", |v| {
+        v["data"]["reload"]["success"] == true
+    })
+    .await;
+    assert_eq!(v["data"]["rules"][0]["name"], "HasCpus");
+    assert_eq!(failed_reloads(&app), 2);
 }

@@ -271,7 +271,7 @@ async fn set_mode(
     let Some(engine) = &state.engine else {
         return error(StatusCode::NOT_FOUND, "no rule engine");
     };
-    if let Err(e) = engine.set_mode(&name, body.mode) {
+    if let Err(e) = engine.set_mode(&name, body.mode).await {
         return error(StatusCode::NOT_FOUND, e);
     }
     audit_api(

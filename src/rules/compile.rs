@@ -220,7 +220,10 @@ impl Compiler<'_> {
             }
             let interval = group.interval.map_or(DEFAULT_INTERVAL, |d| d.0);
             if interval < Duration::from_secs(1) {
-                self.error(&at("interval"), "interval must be at least 1s");
+                self.error(
+                    &at("interval"),
+                    "interval must be at least 1s: the engine evaluates at most once a second (leave it out for the default 5s)",
+                );
             }
             let GroupSpec {
                 name: gname, rules, ..
@@ -290,6 +293,12 @@ impl Compiler<'_> {
             && let Some(message) = overlap(e, c)
         {
             self.warning(&at("clear"), message);
+        }
+        if spec.repeat.is_some_and(|d| d.0.is_zero()) {
+            self.error(
+                &at("repeat"),
+                "repeat must be greater than 0: it is how long to wait between requests while firing (leave it out to act only on the firing edge)",
+            );
         }
         let hold = spec.for_.map_or(Duration::ZERO, |d| d.0);
         if !hold.is_zero() && hold < interval {
@@ -533,6 +542,45 @@ mod tests {
         assert!(
             w[1].starts_with("12:16: `clear` (0.4 < m) can hold"),
             "{w:?}"
+        );
+    }
+
+    #[test]
+    fn zero_durations_are_accepted_where_prometheus_accepts_them() {
+        let (_d, l) = load(&[(
+            "a.yml",
+            "groups:\n  - name: g\n    rules:\n      - name: A\n        expr: x > 1\n        for: 0s\n        keep_firing_for: 0\n        cooldown: 0m\n      - name: B\n        expr: x > 2\n        for: 0\n        keep_firing_for: 0s\n",
+        )]);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.rules.len(), 2);
+        for r in &l.rules {
+            assert_eq!(r.timing.hold, Duration::ZERO);
+            assert_eq!(r.timing.keep_firing_for, Duration::ZERO);
+            assert_eq!(r.cooldown, Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_means_nothing_with_the_reason() {
+        let (_d, l) = load(&[(
+            "a.yml",
+            "groups:\n  - name: g\n    interval: 0s\n    rules:\n      - name: A\n        expr: x > 1\n        repeat: 0s\n      - name: B\n        expr: x > 1\n        for: -1s\n",
+        )]);
+        let text: Vec<String> = l.errors.iter().map(|p| p.diagnostic.to_string()).collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(
+            text[0].starts_with(
+                "3:15: interval must be at least 1s: the engine evaluates at most once a second"
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("7:17: repeat must be greater than 0: it is how long to wait"),
+            "{text:?}"
+        );
+        assert!(
+            text[2].starts_with("10:14: invalid duration \"-1s\""),
+            "{text:?}"
         );
     }
 

@@ -1,9 +1,9 @@
 //! ② Rules: conditions written in PromQL, evaluated in-process over the registry's samples and
 //! history.
 //!
-//! So far: `file` (what a rule file says), `compile` (validation with every error located),
-//! `expr` (the PromQL evaluator) and `state` (the pending/firing state machine). The engine loop
-//! and hot reload build on these. Uses `sample`, `registry` (read only), `yaml`, `settings` and
+//! `file` (what a rule file says), `compile` (validation with every error located), `expr` (the
+//! PromQL evaluator), `state` (the pending/firing state machine), `engine/` (the tick loop,
+//! reload, the file watcher, persistence and the API's view) and `unit` (`test rules`). Uses `sample`, `registry` (read only), `yaml`, `settings` and
 //! `actions::ActionSpec`; never collectors.
 
 pub mod compile;

@@ -139,6 +139,22 @@ pub fn step(prev: State, seen: Observed, now_ms: i64, timing: &Timing) -> Step {
     }
 }
 
+/// One transition when the condition's data is absent altogether and the rule says
+/// `on_absent: hold`: a firing instance keeps firing (a scrape gap is not a recovery), but a
+/// pending one starts over, since the condition was not seen to hold through the gap and
+/// keeping its start would fire it at the first sample back however long the data was gone.
+pub fn step_absent_hold(prev: State) -> Step {
+    let state = match prev {
+        State::Pending { .. } => State::Inactive,
+        other => other,
+    };
+    Step {
+        state,
+        request: false,
+        resolved: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,11 +176,24 @@ mod tests {
 
     /// Runs `(time in s, observed)` steps and returns `(state name, request, resolved)` each.
     fn run(timing: Timing, steps: &[(i64, Observed)]) -> Vec<(&'static str, bool, bool)> {
+        let steps: Vec<(i64, Option<Observed>)> =
+            steps.iter().map(|&(t, o)| (t, Some(o))).collect();
+        run_with_gaps(timing, &steps)
+    }
+
+    /// The same, where `None` is an evaluation with no data at all under `on_absent: hold`.
+    fn run_with_gaps(
+        timing: Timing,
+        steps: &[(i64, Option<Observed>)],
+    ) -> Vec<(&'static str, bool, bool)> {
         let mut state = State::Inactive;
         steps
             .iter()
             .map(|&(t, seen)| {
-                let s = step(state, seen, t * S, &timing);
+                let s = match seen {
+                    Some(seen) => step(state, seen, t * S, &timing),
+                    None => step_absent_hold(state),
+                };
                 state = s.state;
                 let name = match s.state {
                     State::Inactive => "inactive",
@@ -316,6 +345,59 @@ mod tests {
         let requests: Vec<bool> = got.iter().map(|g| g.1).collect();
         assert_eq!(requests, [true, false, true, false, true, false]);
         assert!(got[5].2, "resolved");
+    }
+
+    #[test]
+    fn on_absent_hold_resets_pending_and_holds_firing() {
+        let t = Timing {
+            hold: Duration::from_secs(300),
+            ..Timing::default()
+        };
+        let gap = None;
+        let on = Some(on());
+        // (name, steps, expected state names, expected requests)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&str, Vec<(i64, Option<Observed>)>, Vec<&str>, Vec<bool>)] = &[
+            (
+                // Pending for 4 of 5 minutes, data gone for 10: the first sample back starts
+                // the wait over instead of firing at once.
+                "pending through a gap starts over",
+                vec![
+                    (0, on),
+                    (240, on),
+                    (300, gap),
+                    (900, gap),
+                    (960, on),
+                    (1200, on),
+                    (1260, on),
+                ],
+                vec![
+                    "pending", "pending", "inactive", "inactive", "pending", "pending", "firing",
+                ],
+                vec![false, false, false, false, false, false, true],
+            ),
+            (
+                // Firing, then a gap: still firing, no new request when data comes back.
+                "firing holds through a gap",
+                vec![(0, on), (300, on), (360, gap), (960, gap), (1020, on)],
+                vec!["pending", "firing", "firing", "firing", "firing"],
+                vec![false, true, false, false, false],
+            ),
+            (
+                "inactive stays inactive",
+                vec![(0, gap), (60, gap)],
+                vec!["inactive", "inactive"],
+                vec![false, false],
+            ),
+        ];
+        for (name, steps, states, requests) in cases {
+            let got = run_with_gaps(t, steps);
+            let got_states: Vec<&str> = got.iter().map(|g| g.0).collect();
+            let got_requests: Vec<bool> = got.iter().map(|g| g.1).collect();
+            assert_eq!(&got_states, states, "{name}");
+            assert_eq!(&got_requests, requests, "{name}");
+            assert!(got.iter().all(|g| !g.2), "{name}: a gap never resolves");
+        }
     }
 
     #[test]
