@@ -18,6 +18,18 @@ use super::{Actions, StepOutcome, now_ms};
 use crate::audit::rfc3339;
 use std::sync::atomic::Ordering;
 
+/// A target's in-flight mark in the enforcing gate, held while its action runs.
+struct InFlight<'a> {
+    actions: &'a Actions,
+    target: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.actions.gates().enforce.finish(&self.target);
+    }
+}
+
 impl Actions {
     pub(super) async fn act(&self, req: &ActionRequest) -> Vec<StepOutcome> {
         let mut outcomes = Vec::new();
@@ -102,13 +114,20 @@ impl Actions {
             }
             match verdict {
                 Verdict::Apply => {
+                    // Released however this ends, the task being dropped included (a
+                    // shutdown, a cancelled caller): a mark left behind would refuse every
+                    // later action on the target until a restart.
+                    let in_flight = InFlight {
+                        actions: self,
+                        target: target.clone(),
+                    };
                     record.phase = "intent".into();
                     record.decision = "started".into();
                     // The intent is durable before anything runs; when it cannot be written
                     // the action cannot be accounted for, so it does not run. (A log that
                     // was broken is retried here, every time.)
                     if !self.write(record.clone()).await {
-                        self.gates().enforce.finish(&target);
+                        drop(in_flight);
                         self.count(&req.rule, kind, "skipped_audit");
                         outcomes.push(StepOutcome {
                             action: kind.to_owned(),
@@ -130,7 +149,7 @@ impl Actions {
                         tokio::time::timeout(timeout, self.execute(spec, req, knob_plan.as_ref()))
                             .await;
                     let took = started.elapsed();
-                    self.gates().enforce.finish(&target);
+                    drop(in_flight);
                     self.inner
                         .metrics
                         .duration

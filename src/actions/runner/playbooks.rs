@@ -42,7 +42,19 @@ impl Actions {
     }
 
     /// Runs a playbook now, includes first, each step through the gate and the audit log.
+    ///
+    /// The run is a task of its own: a caller that goes away (a client disconnecting, a proxy
+    /// timing out) stops waiting for it, not the run, so every step it started has its result
+    /// in the audit log.
     pub async fn run_playbook(&self, name: &str, actor: &str) -> Result<PlaybookRun, String> {
+        let me = self.clone();
+        let (name, actor) = (name.to_owned(), actor.to_owned());
+        tokio::spawn(async move { me.run_playbook_here(&name, &actor).await })
+            .await
+            .map_err(|e| format!("the playbook run stopped: {e}"))?
+    }
+
+    async fn run_playbook_here(&self, name: &str, actor: &str) -> Result<PlaybookRun, String> {
         let parts = self.inner.playbooks.expand(name)?;
         let started = Instant::now();
         let mut out = Vec::new();
