@@ -360,3 +360,230 @@ async fn an_action_that_hangs_is_cut_at_the_timeout_and_holds_nothing_else_up() 
     assert!(results.iter().all(|r| r["decision"] == "timeout"));
     let _ = &rig.dir;
 }
+
+/// Waits until `/metrics` has `name` with `labels` at `value` or more; fails after `limit`.
+async fn metric_at_least(app: &Autotuner, name: &str, labels: &[(&str, &str)], value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let scrape = app.scrape().await;
+        if scrape.value(name, labels).is_some_and(|v| v >= value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} never reached {value}; log: {:#?}",
+            app.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// Issue 16 #5: with an unusable data directory the runner used to audit into the working
+// directory and act.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_usable_data_directory_no_action_runs_and_the_status_says_why() {
+    let (ok, hits) = answering_server().await;
+    let outer = tempfile::tempdir().unwrap();
+    // A regular file where the directory should be: it can never be created.
+    let data = outer.path().join("data");
+    std::fs::write(&data, b"not a directory").unwrap();
+    let rule = unique("NoDataDir");
+    let rig = Rig::start(
+        "collectors:\n  host: {interval: 1s}\nactions:\n  mode: enforce\n",
+        "",
+        &always(
+            &rule,
+            "enforce",
+            &format!("          - webhook: {{url: '{ok}/hook'}}\n"),
+        ),
+        Some(&data),
+    )
+    .await;
+    // The rule fires and its action is refused.
+    metric_at_least(
+        &rig.app,
+        "autotuner_actions_total",
+        &[
+            ("rule", rule.as_str()),
+            ("action", "webhook"),
+            ("decision", "skipped_stopped"),
+        ],
+        1.0,
+    )
+    .await;
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "no action ran");
+    let (s, v) = rig.get("/api/v1/status").await;
+    assert_eq!(s, 200, "{v:#}");
+    assert_eq!(v["data"]["actions"]["stopped"], true, "{v:#}");
+    let reason = v["data"]["actions"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("data directory") && reason.contains(&data.display().to_string()),
+        "{reason}"
+    );
+    let log = rig.app.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("actions are stopped") && log.contains("ERROR"),
+        "the start says so: {log}"
+    );
+    // Nothing was written in the working directory instead.
+    assert!(
+        !Path::new("audit.jsonl").exists() && !Path::new("gate.json").exists(),
+        "a fallback to the working directory"
+    );
+    assert_eq!(std::fs::read(&data).unwrap(), b"not a directory");
+}
+
+// Issue 16 #6: an unreadable gate.json used to be ignored at start (open breakers and
+// cooldowns forgotten) and written over by the next action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_gate_file_stops_the_actions_with_the_reason_and_is_kept() {
+    let (ok, hits) = answering_server().await;
+    let outer = tempfile::tempdir().unwrap();
+    let data = outer.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let torn = br#"{"enforce":{"breakers":{"#;
+    std::fs::write(data.join("gate.json"), torn).unwrap();
+    let rule = unique("TornGate");
+    let rig = Rig::start(
+        "collectors:\n  host: {interval: 1s}\nactions:\n  mode: enforce\n",
+        "",
+        &always(
+            &rule,
+            "enforce",
+            &format!("          - webhook: {{url: '{ok}/hook'}}\n"),
+        ),
+        Some(&data),
+    )
+    .await;
+    let records = rig
+        .audit_until(Duration::from_secs(60), |a| {
+            a.iter().any(|r| r["rule"] == rule.as_str())
+        })
+        .await;
+    let refused = records.iter().find(|r| r["rule"] == rule.as_str()).unwrap();
+    assert_eq!(refused["decision"], "skipped_stopped", "{refused:#}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("gate.json"),
+        "the reason is in the audit: {refused:#}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "no action ran");
+    let (_, v) = rig.get("/api/v1/status").await;
+    assert_eq!(v["data"]["actions"]["stopped"], true, "{v:#}");
+    assert!(
+        v["data"]["actions"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gate.json"),
+        "{v:#}"
+    );
+    let scrape = rig.app.scrape().await;
+    assert_eq!(
+        scrape.value(
+            "autotuner_state_file_errors_total",
+            &[("file", "gate.json"), ("op", "parse")]
+        ),
+        Some(1.0)
+    );
+    // An operator's reset writes no gate state over the file either.
+    let (s, _) = rig.post(&format!("/api/v1/breakers/{rule}/reset")).await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::read(data.join("gate.json")).unwrap(),
+        torn,
+        "kept as it was"
+    );
+}
+
+// Issue 16 #6: concurrent persists used to share one temporary name and could leave an older
+// snapshot (or none) behind. Many knob changes and breaker resets at once: both files are
+// valid JSON and knobs.json holds the value in memory, which a new stage restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_persists_leave_valid_files_holding_the_newest_state() {
+    use autotuner::actions::runner::Actions;
+    use autotuner::registry::Registry;
+    use autotuner::settings::config::{ActionsConfig, GlobalMode, KnobDecl};
+
+    let data = tempfile::tempdir().unwrap();
+    let config = ActionsConfig {
+        mode: GlobalMode::Enforce,
+        timeout: Duration::from_secs(20),
+        global_limit: None,
+        target_limit: None,
+        kind_limits: std::collections::BTreeMap::new(),
+        breaker_max_actions: 5,
+        breaker_window: Duration::from_secs(3600),
+        exec_allow: vec![],
+        audit_max_bytes: 1 << 24,
+        audit_keep: 2,
+        alert_resend: Duration::from_secs(60),
+    };
+    let knob = KnobDecl {
+        name: "workers".into(),
+        initial: 1.0,
+        min: 1.0,
+        max: 10_000.0,
+        integer: true,
+        redis_key: None,
+        redis_target: None,
+        webhook: None,
+    };
+    let stage = |registry: &Registry| {
+        Actions::new(
+            config.clone(),
+            std::slice::from_ref(&knob),
+            autotuner::actions::exec::Services::default(),
+            Some(data.path()),
+            None,
+            registry,
+        )
+        .unwrap()
+    };
+    let registry = Registry::new(Duration::from_secs(600)).unwrap();
+    let actions = stage(&registry);
+    let mut tasks = Vec::new();
+    for i in 0..200_u32 {
+        let a = actions.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 4 == 0 {
+                a.reset_breaker(&format!("rule{i}"), "test").await;
+            }
+            a.set_knob("workers", f64::from(i + 1), "test")
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let newest = actions.knobs()[0].value;
+    // The writes run off the async workers; wait (boundedly) for the last to land.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(data.path().join("knobs.json")).unwrap();
+        let saved: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("knobs.json is not valid JSON ({e}): {text}"));
+        if saved["workers"]["value"].as_f64() == Some(newest) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "knobs.json holds {} and memory {newest}",
+            saved["workers"]["value"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gate = std::fs::read_to_string(data.path().join("gate.json")).unwrap();
+    serde_json::from_str::<Value>(&gate)
+        .unwrap_or_else(|e| panic!("gate.json is not valid JSON ({e}): {gate}"));
+    let leftovers: Vec<String> = std::fs::read_dir(data.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "knobs.json" && n != "gate.json" && !n.starts_with("audit"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    drop(actions);
+    let again = stage(&Registry::new(Duration::from_secs(600)).unwrap());
+    assert_eq!(again.knobs()[0].value, newest);
+    assert_eq!(again.stopped(), None);
+}

@@ -34,6 +34,19 @@ impl Actions {
     pub(super) async fn act(&self, req: &ActionRequest) -> Vec<StepOutcome> {
         let mut outcomes = Vec::new();
         let mode = self.mode(req);
+        if let Some(why) = &self.inner.halted {
+            // Fail closed: nothing is run or rehearsed; each refusal is recorded (when the
+            // audit can be written) with the reason.
+            for spec in &req.actions {
+                let target = exec::target_of(spec, &self.inner.services);
+                let mut record = self.base(req, mode, Some(spec), Some(&target));
+                record.decision = "skipped_stopped".into();
+                record.error = Some(why.clone());
+                self.count(&req.rule, spec.kind(), "skipped_stopped");
+                self.step(&mut outcomes, record).await;
+            }
+            return outcomes;
+        }
         let instance = req.instance();
         self.inner
             .metrics

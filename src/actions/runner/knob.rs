@@ -154,6 +154,9 @@ impl Actions {
         value: f64,
         actor: &str,
     ) -> Result<knobs::KnobView, String> {
+        if let Some(why) = &self.inner.halted {
+            return Err(why.clone());
+        }
         let knobs = &self.inner.knobs;
         let (Some(cfg), Some(st)) = (knobs.config(name), knobs.state(name)) else {
             return Err(format!("no knob named {name:?}"));

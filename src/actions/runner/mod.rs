@@ -38,6 +38,7 @@ use super::playbook::Playbooks;
 use super::{ActionRequest, ActionSpec, Event, Mode, Verifier};
 use crate::audit::{Audit, Record, rfc3339};
 use crate::settings::config::{ActionsConfig, GlobalMode, KnobDecl};
+use crate::statefile::StateFile;
 use persist::GateFile;
 
 /// The self-metrics of the stage.
@@ -175,7 +176,13 @@ struct Inner {
     knobs: Knobs,
     audit: Arc<Audit>,
     gates: Mutex<Gates>,
-    gate_path: Option<PathBuf>,
+    /// `gate.json`; `None` without a data directory or when it was unreadable at start.
+    gate_file: Option<StateFile>,
+    /// Why no action may run until a restart (no usable data directory, an unreadable state
+    /// file).
+    halted: Option<String>,
+    /// False without a usable data directory: the audit log is never written.
+    audit_usable: bool,
     verifier: Option<Arc<dyn Verifier>>,
     metrics: Metrics,
     alerts: Mutex<HashMap<String, Vec<ActiveAlert>>>,
@@ -271,27 +278,57 @@ impl Actions {
         for c in metrics.collectors() {
             registry.register(c)?;
         }
-        let audit_dir = data_dir.map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf);
+        // Without a data directory there is nowhere to audit or to keep the gate's state:
+        // no action runs (never a fallback to the working directory).
+        let mut halted: Option<String> = None;
+        let dir = match data_dir {
+            Some(d) => match usable_dir(d) {
+                Ok(()) => Some(d),
+                Err(why) => {
+                    halted = Some(why);
+                    None
+                }
+            },
+            None => {
+                halted = Some(
+                    "no data directory: actions need one for their audit log and state".into(),
+                );
+                None
+            }
+        };
+        // Without a usable directory the audit is opened where it cannot exist (`/dev/null` is
+        // no directory) and is never written: `write` refuses first.
+        let audit_dir =
+            dir.map_or_else(|| PathBuf::from("/dev/null"), std::path::Path::to_path_buf);
         let (audit, opened) = Audit::open(&audit_dir, config.audit_max_bytes, config.audit_keep);
-        let (keys, audit_ok) = match opened {
-            Ok(o) => {
+        let (keys, audit_ok) = match (dir, opened) {
+            (None, _) => (Vec::new(), false),
+            (Some(_), Ok(o)) => {
                 if o.repaired_bytes > 0 {
                     tracing::warn!(bytes = o.repaired_bytes, path = %audit.path().display(), "audit log ended in a torn line (a crash mid-write); cut it off");
                 }
-                (o.intents, data_dir.is_some())
+                (o.intents, true)
             }
-            Err(err) => {
+            (Some(_), Err(err)) => {
                 metrics.audit_errors.inc();
                 tracing::error!(error = %err, "audit log unusable: actions are stopped until it can be written");
                 (Vec::new(), false)
             }
         };
-        let gate_path = data_dir.map(|d| d.join("gate.json"));
-        let saved: GateFile = gate_path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        // An unreadable gate.json would silently forget open breakers, cooldowns and holds: it
+        // stops the actions instead, and is kept as it is (never written over) for the operator.
+        let mut gate_file = dir.map(|d| StateFile::new(d.join("gate.json")));
+        let saved: GateFile = match gate_file.as_ref().map(StateFile::load::<GateFile>) {
+            None | Some(Ok(None)) => GateFile::default(),
+            Some(Ok(Some(saved))) => saved,
+            Some(Err(err)) => {
+                gate_file = None;
+                halted.get_or_insert(format!(
+                    "{err}; actions are stopped until it is repaired or removed and autotuner restarted"
+                ));
+                GateFile::default()
+            }
+        };
         let gc = gate_config(&config);
         let gates = Gates {
             enforce: Gate::new(gc.clone(), saved.enforce, keys.clone()),
@@ -313,7 +350,12 @@ impl Actions {
                 webhook: k.webhook.clone(),
             })
             .collect();
-        let knobs = Knobs::load(knob_configs, data_dir);
+        let (knobs, knobs_error) = Knobs::load(knob_configs, dir);
+        if let Some(err) = knobs_error {
+            halted.get_or_insert(format!(
+                "{err}; actions are stopped until it is repaired or removed and autotuner restarted"
+            ));
+        }
         for v in knobs.views() {
             metrics
                 .knob_value
@@ -326,10 +368,8 @@ impl Actions {
                 .with_label_values(&[&v.name])
                 .set(if v.paused.is_some() { 1.0 } else { 0.0 });
         }
-        if data_dir.is_none() {
-            tracing::warn!(
-                "no usable data directory: actions are stopped (they could not be audited)"
-            );
+        if let Some(why) = &halted {
+            tracing::error!(reason = %why, "actions are stopped: none will run");
         }
         Ok(Actions {
             inner: Arc::new(Inner {
@@ -338,7 +378,9 @@ impl Actions {
                 knobs,
                 audit: Arc::new(audit),
                 gates: Mutex::new(gates),
-                gate_path,
+                gate_file,
+                halted,
+                audit_usable: dir.is_some(),
                 verifier,
                 metrics,
                 alerts: Mutex::new(HashMap::new()),
@@ -417,6 +459,9 @@ impl Actions {
     }
 
     async fn write(&self, record: Record) -> bool {
+        if !self.inner.audit_usable {
+            return false;
+        }
         let audit = self.inner.audit.clone();
         let res = tokio::task::spawn_blocking(move || audit.append(&record)).await;
         match res {
@@ -524,10 +569,35 @@ impl Actions {
         n
     }
 
+    /// Why actions are stopped, when they are: no usable data directory or an unreadable state
+    /// file (until a restart), or an audit log that cannot be written (until it can).
+    pub fn stopped(&self) -> Option<String> {
+        self.inner.halted.clone().or_else(|| {
+            (!self.inner.audit_ok.load(Ordering::SeqCst)).then(|| {
+                "the audit log cannot be written: actions are stopped until it can".to_owned()
+            })
+        })
+    }
+
     /// The audit log.
     pub fn audit(&self) -> &Audit {
         &self.inner.audit
     }
+}
+
+/// Creates the data directory when missing and checks it is one: the audit log, the gate's
+/// and the knobs' state live there.
+fn usable_dir(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::metadata(dir))
+        .and_then(|m| {
+            if m.is_dir() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a directory"))
+            }
+        })
+        .map_err(|e| format!("data directory {} unusable: {e}", dir.display()))
 }
 
 /// An action's parameters for the audit log, with URLs redacted: a webhook's URL may carry a

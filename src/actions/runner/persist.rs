@@ -1,7 +1,9 @@
 //! The gate's persistence: both gates' cooldowns, breakers, holds and idempotency keys in
-//! `gate.json` in the data directory.
+//! `gate.json` in the data directory, written through `statefile` (durable, newest wins, off
+//! the async workers). Reading it at start is the stage's construction: an unreadable file
+//! stops the actions there.
 //!
-//! Uses the stage (`super`), the gate and the knobs' file writer.
+//! Uses the stage (`super`), the gate, and the state-file writer the knobs share.
 
 use super::super::gate::Persisted;
 use super::super::knobs;
@@ -14,21 +16,25 @@ pub(super) struct GateFile {
 }
 
 impl Actions {
+    /// Writes both gates' state to `gate.json`, off the async workers; the snapshot is stamped
+    /// under the gates' lock so the newest one stays on disk whatever order the writes end in.
     pub(super) fn persist_gates(&self) {
-        let Some(path) = &self.inner.gate_path else {
+        let Some(file) = &self.inner.gate_file else {
             return;
         };
-        let bytes = {
+        let (stamp, bytes) = {
             let g = self.gates();
-            serde_json::to_vec(&GateFile {
-                enforce: g.enforce.persisted().clone(),
-                rehearsal: g.rehearsal.persisted().clone(),
-            })
+            (
+                file.stamp(),
+                serde_json::to_vec(&GateFile {
+                    enforce: g.enforce.persisted().clone(),
+                    rehearsal: g.rehearsal.persisted().clone(),
+                }),
+            )
         };
-        if let Ok(bytes) = bytes
-            && let Err(err) = knobs::write_atomically(path, &bytes)
-        {
-            tracing::warn!(error = %err, path = %path.display(), "persisting the gate's state failed");
+        match bytes {
+            Ok(bytes) => knobs::save_detached(file.clone(), stamp, bytes),
+            Err(err) => tracing::warn!(error = %err, "serializing the gate's state failed"),
         }
     }
 }
