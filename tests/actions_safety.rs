@@ -587,3 +587,440 @@ async fn concurrent_persists_leave_valid_files_holding_the_newest_state() {
     assert_eq!(again.knobs()[0].value, newest);
     assert_eq!(again.stopped(), None);
 }
+
+// Issue 16 #22: the shipped slow-query rule is in dry_run, where `index_advice` used to be only
+// recorded as `would_apply`: /api/v1/recommendations stayed empty however slow the statements.
+// Shipped rules, no configuration file, the database from DATABASE_URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_slow_query_rule_produces_index_advice_in_dry_run() {
+    let Some(env) = PgEnv::get() else {
+        return;
+    };
+    let table = unique("slow_advice");
+    let su = common::pg_connect(&env.url).await;
+    su.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; CREATE EXTENSION IF NOT EXISTS hypopg; \
+         CREATE TABLE {table} (id bigint PRIMARY KEY, v bigint NOT NULL, payload text NOT NULL) \
+           WITH (autovacuum_enabled = off); \
+         INSERT INTO {table} SELECT g, g, md5(g::text) FROM generate_series(1, 100000) g; \
+         ANALYZE {table}; GRANT SELECT ON {table} TO monitor;"
+    ))
+    .await
+    .unwrap();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let app = Autotuner::start(
+        &[&format!("--rules.dir={}", rules.display())],
+        &[("DATABASE_URL", env.monitor_url.as_str())],
+    )
+    .await_ready()
+    .await;
+
+    // A statement far above 100 ms (one row found by a sequential scan, then 150 ms of sleep),
+    // run until the advice is there: the rule waits a minute of slowness before it fires.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, table, url) = (stop.clone(), table.clone(), env.url.clone());
+        tokio::spawn(async move {
+            let db = common::pg_connect(&url).await;
+            let mut i: i64 = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i = (i + 7919) % 100_000;
+                db.query(
+                    &format!("SELECT id, pg_sleep(0.15) FROM {table} WHERE v = $1"),
+                    &[&(i + 1)],
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let http = common::client();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let advice = loop {
+        let body: Value = http
+            .get(app.url("/api/v1/recommendations"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(r) = body["data"]["recommendations"]
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["table"] == table.as_str()).cloned())
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no advice for {table}: {body:#}\nlog: {:#?}",
+            app.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    assert_eq!(advice["columns"], serde_json::json!(["v"]), "{advice:#}");
+    assert_eq!(advice["verified"], true, "{advice:#}");
+
+    // Rehearsed, not applied: nothing was created.
+    let data = app.data.as_ref().unwrap().path();
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    let record: Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["rule"] == "SlowQueries" && r["action"] == "index_advice")
+        .unwrap();
+    assert_eq!(record["decision"], "would_apply", "{record:#}");
+    assert_eq!(record["mode"], "dry_run", "{record:#}");
+    assert!(
+        record["result"]["advice"].as_u64().unwrap() >= 1,
+        "{record:#}"
+    );
+    let indexes = su
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = $1",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    assert_eq!(indexes.len(), 1, "only the primary key");
+    su.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+// Issue 23: "an operator's playbook run does not count toward a breaker". With a breaker that
+// opens after two acting requests, four runs of one playbook all act, and no breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_playbook_runs_never_open_a_breaker() {
+    let (ok, hits) = answering_server().await;
+    let config = "collectors:\n  host: {interval: 1s}\nactions:\n  mode: enforce\n  rate_limits: {global: {count: 100, per: 1m}, per_target: {count: 100, per: 1m}}\n  breaker: {max_actions: 2, window: 1h}\n";
+    let playbooks =
+        format!("playbooks:\n  poke:\n    steps:\n      - webhook: {{url: '{ok}/hook'}}\n");
+    let rig = Rig::start(config, &playbooks, "", None).await;
+    for run in 0..4 {
+        let (s, v) = rig.post("/api/v1/playbooks/poke/run").await;
+        assert_eq!(s, 200, "{v:#}");
+        assert_eq!(
+            v["data"]["parts"][0]["steps"][0]["decision"], "applied",
+            "run {run}: {v:#}"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+    let (_, v) = rig.get("/api/v1/breakers").await;
+    assert_eq!(v["data"], serde_json::json!([]), "{v:#}");
+    assert!(
+        !rig.audit()
+            .iter()
+            .any(|r| r["decision"] == "breaker_opened"),
+        "{:#?}",
+        rig.audit()
+    );
+    let scrape = rig.app.scrape().await;
+    assert_ne!(
+        scrape.value("autotuner_breaker_open", &[("rule", "playbook:poke")]),
+        Some(1.0)
+    );
+}
+
+// Issue 23: the `ineffective` verification outcome. A rule's knob move whose verification
+// condition does not hold after the delay (and has no `worse`): recorded and counted as
+// `ineffective`, and the move stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_that_does_not_hold_is_recorded_as_ineffective() {
+    let rule = unique("Unhelped");
+    let config = "collectors:\n  host: {interval: 1s}\nactions:\n  mode: enforce\nknobs:\n  batch_size: {initial: 1000, min: 100, max: 2000}\n";
+    let rules = format!(
+        "groups:\n  - name: g\n    interval: 1s\n    rules:\n      - name: {rule}\n        expr: host_cpus > 0\n        mode: enforce\n        actions:\n          - knob: {{name: batch_size, scale: 0.5}}\n        verify:\n          after: 1s\n          expr: host_cpus < 0\n"
+    );
+    let rig = Rig::start(config, "", &rules, None).await;
+    let records = rig
+        .audit_until(Duration::from_secs(60), |a| {
+            a.iter()
+                .any(|r| r["rule"] == rule.as_str() && r["phase"] == "verification")
+        })
+        .await;
+    let verification = records
+        .iter()
+        .find(|r| r["rule"] == rule.as_str() && r["phase"] == "verification")
+        .unwrap();
+    assert_eq!(verification["decision"], "ineffective", "{verification:#}");
+    assert!(
+        records
+            .iter()
+            .any(|r| is(r, &rule, "result", "applied") && r["action"] == "knob"),
+        "{records:#?}"
+    );
+    let scrape = rig.app.scrape().await;
+    assert_eq!(
+        scrape.value(
+            "autotuner_action_verifications_total",
+            &[("rule", rule.as_str()), ("outcome", "ineffective")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("autotuner_knob_value", &[("knob", "batch_size")]),
+        Some(500.0),
+        "an ineffective move is not reverted"
+    );
+}
+
+/// A database of one test with pg_stat_statements and HypoPG, dropped at the end.
+struct ScratchDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDb {
+    async fn new(env: &PgEnv, prefix: &str) -> ScratchDb {
+        let name = unique(prefix);
+        let admin = common::pg_connect(&env.url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut u = url::Url::parse(&env.url).unwrap();
+        u.set_path(&format!("/{name}"));
+        let db = ScratchDb {
+            admin_url: env.url.clone(),
+            name,
+            url: u.to_string(),
+        };
+        common::pg_connect(&db.url)
+            .await
+            .batch_execute("CREATE EXTENSION pg_stat_statements; CREATE EXTENSION hypopg;")
+            .await
+            .unwrap();
+        db
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = common::pg_connect(&url).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+// Issue 16 #4: at `actions.timeout` the index build used to be dropped while CREATE INDEX
+// CONCURRENTLY went on on the server: `timeout` on record, no hold, and the next action
+// started a second build. Now the build is a task of its own: the hold is taken when it starts
+// (a second action while it runs builds nothing), its outcome is recorded when it ends, and a
+// build that built nothing gives the hold back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_build_outlasting_the_action_timeout_is_tracked_to_its_end() {
+    use autotuner::actions::exec::Services;
+    use autotuner::actions::runner::Actions;
+    use autotuner::actions::{ActionRequest, Event, Mode};
+    use autotuner::registry::Registry;
+    use autotuner::settings::config::{ActionsConfig, GlobalMode};
+
+    let Some(env) = PgEnv::get() else {
+        return;
+    };
+    let scratch = ScratchDb::new(&env, "idxbuild").await;
+    let su = common::pg_connect(&scratch.url).await;
+    su.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint NOT NULL, payload text NOT NULL) \
+           WITH (autovacuum_enabled = off); \
+         INSERT INTO orders SELECT g, (g * 7919) % 50000, md5(g::text) FROM generate_series(1, 200000) g; \
+         ANALYZE orders;",
+    )
+    .await
+    .unwrap();
+    // Slow statements since the advisor last looked: each action needs some to advise.
+    let workload = || async {
+        let db = common::pg_connect(&scratch.url).await;
+        for i in 0..15_i64 {
+            db.query(
+                "SELECT count(*) FROM orders WHERE customer_id = $1",
+                &[&(i * 7)],
+            )
+            .await
+            .unwrap();
+        }
+    };
+
+    let mut services = Services {
+        http: reqwest::Client::new(),
+        slow_threshold: Duration::from_millis(1),
+        ..Services::default()
+    };
+    services.postgres.insert(
+        "default".into(),
+        autotuner::targets::PgHandle::new(
+            &autotuner::settings::Target {
+                name: "default".into(),
+                url: autotuner::settings::secret::SecretUrl::parse(&scratch.url).unwrap(),
+                tls_ca_file: None,
+            },
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            1,
+        )
+        .unwrap(),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_secs(2);
+    let actions = Actions::new(
+        ActionsConfig {
+            mode: GlobalMode::Enforce,
+            timeout,
+            global_limit: None,
+            target_limit: None,
+            kind_limits: std::collections::BTreeMap::new(),
+            breaker_max_actions: 100,
+            breaker_window: Duration::from_secs(3600),
+            exec_allow: vec![],
+            audit_max_bytes: 1 << 24,
+            audit_keep: 2,
+            alert_resend: Duration::from_secs(60),
+        },
+        &[],
+        services,
+        Some(data.path()),
+        None,
+        &Registry::new(Duration::from_secs(600)).unwrap(),
+    )
+    .unwrap();
+    let request = |episode: i64| ActionRequest {
+        rule: "BuildIt".into(),
+        labels: autotuner::sample::Labels::empty(),
+        value: 1.0,
+        event: Event::Firing,
+        episode_ms: episode,
+        mode: Some(Mode::Enforce),
+        cooldown: Duration::ZERO,
+        allow_destructive: true,
+        actions: vec![
+            serde_yaml::from_str("index_advice: {create: true, create_every: 1h, min_saving: 0.5}")
+                .unwrap(),
+        ],
+        verify: None,
+        annotations: std::collections::BTreeMap::new(),
+        rule_version: "v1".into(),
+        at_ms: episode,
+        actor: "engine".into(),
+    };
+    let builds = || -> Vec<Value> {
+        std::fs::read_to_string(data.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["phase"] == "index_build")
+            .collect()
+    };
+    let index_count = || async {
+        common::pg_connect(&scratch.url)
+            .await
+            .query(
+                "SELECT 1 FROM pg_indexes WHERE tablename = 'orders' AND indexname <> 'orders_pkey'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .len()
+    };
+
+    // A transaction holding a lock the build needs: the build waits (up to its 5 s
+    // lock_timeout), far longer than the action's 2 s.
+    let locker = common::pg_connect(&scratch.url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE;")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let first = {
+        workload().await;
+        actions.handle(request(1)).await
+    };
+    assert_eq!(first[0].decision, "timeout", "{first:#?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // While it waits, another action on the target builds nothing.
+    let second = {
+        workload().await;
+        actions.handle(request(2)).await
+    };
+    assert!(
+        builds().is_empty(),
+        "the first build ended before the second action looked (a very slow machine?)"
+    );
+    assert_eq!(second[0].decision, "applied", "{second:#?}");
+    assert_eq!(
+        second[0].result["create"]["result"], "skipped",
+        "{second:#?}"
+    );
+    assert!(
+        second[0].result["create"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("one index per"),
+        "{second:#?}"
+    );
+    // The build ends at its lock timeout; its outcome is recorded and the hold given back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while builds().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the build's outcome was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = &builds()[0];
+    assert_eq!(failed["decision"], "failed", "{failed:#}");
+    assert_eq!(failed["rule"], "BuildIt", "{failed:#}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("lock timeout"),
+        "{failed:#}"
+    );
+    assert_eq!(index_count().await, 0);
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    // With the lock gone the next action builds; its outcome is on record however long the
+    // build takes, and one index per `create_every` holds after it.
+    let third = {
+        workload().await;
+        actions.handle(request(3)).await
+    };
+    assert!(
+        ["applied", "timeout"].contains(&third[0].decision.as_str()),
+        "{third:#?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while builds().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the build's outcome was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let built = &builds()[1];
+    assert_eq!(built["decision"], "applied", "{built:#}");
+    assert_eq!(built["result"]["result"], "created", "{built:#}");
+    assert_eq!(index_count().await, 1);
+    let fourth = {
+        workload().await;
+        actions.handle(request(4)).await
+    };
+    assert_eq!(
+        fourth[0].result["create"]["result"], "skipped",
+        "{fourth:#?}"
+    );
+    assert_eq!(index_count().await, 1);
+    drop(su);
+}

@@ -15,7 +15,7 @@ use super::super::gate::{Ask, Verdict};
 use super::super::knobs;
 use super::super::{ActionRequest, ActionSpec, Mode};
 use super::{Actions, StepOutcome, now_ms};
-use crate::audit::rfc3339;
+use crate::audit::{Record, rfc3339};
 use std::sync::atomic::Ordering;
 
 /// A target's in-flight mark in the enforcing gate, held while its action runs.
@@ -212,7 +212,30 @@ impl Actions {
                 Verdict::WouldApply => {
                     rehearsed |= spec.counts_for_breaker();
                     record.decision = "would_apply".into();
-                    self.count(&req.rule, kind, "would_apply");
+                    // Advice is read-only (plans and hypothetical indexes): a rehearsal
+                    // produces it, so the recommendations fill in dry_run; only creating an
+                    // index waits for enforce.
+                    if let ActionSpec::IndexAdvice(a) = spec {
+                        let started = Instant::now();
+                        let timeout = self.inner.config.timeout;
+                        match tokio::time::timeout(timeout, self.index_advice(a, req, false)).await
+                        {
+                            Ok(Ok(o)) => record.result = o.result,
+                            Ok(Err(e)) => {
+                                record.decision = "failed".into();
+                                record.error = Some(e);
+                            }
+                            Err(_) => {
+                                record.decision = "timeout".into();
+                                record.error = Some(format!(
+                                    "still running after {:.1}s; abandoned",
+                                    timeout.as_secs_f64()
+                                ));
+                            }
+                        }
+                        record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    self.count(&req.rule, kind, &record.decision);
                     self.step(&mut outcomes, record).await;
                 }
                 Verdict::Skip(decision, why) => {
@@ -291,7 +314,7 @@ impl Actions {
             ActionSpec::CacheWarm(a) => exec::cache_warm(s, a).await,
             ActionSpec::PgTerminateIdle(a) => exec::pg_terminate_idle(s, a).await,
             ActionSpec::PgAnalyze(a) => exec::pg_analyze(s, a, self.inner.config.timeout).await,
-            ActionSpec::IndexAdvice(a) => self.index_advice(a).await,
+            ActionSpec::IndexAdvice(a) => self.index_advice(a, req, true).await,
             ActionSpec::RetentionDelete(a) => exec::retention_delete(s, a).await,
             ActionSpec::Knob(k) => match knob_plan {
                 Some(p) => self.apply_knob(&k.name, p, &req.rule).await,
@@ -304,13 +327,15 @@ impl Actions {
     }
 
     /// `index_advice`: advise (windowed, per target), keep the advice for the API and the
-    /// metric, and, with `create`, build the best verified index, at most one per
-    /// `create_every` on the target.
+    /// metric, and, with `create` and `may_create` (enforce), build the best verified index,
+    /// at most one per `create_every` on the target.
     pub(super) async fn index_advice(
         &self,
         a: &super::super::IndexAdvice,
+        req: &ActionRequest,
+        may_create: bool,
     ) -> Result<Outcome, String> {
-        use crate::advisor::{AdviseOptions, CreateOptions, Creation};
+        use crate::advisor::AdviseOptions;
         let s = &self.inner.services;
         let h = s.pg(a.target.as_deref())?;
         let mut client = h.client().await.map_err(|f| f.message)?;
@@ -361,48 +386,41 @@ impl Actions {
                 (None, _) => {
                     json!({ "result": "skipped", "reason": "no verified advice above min_saving" })
                 }
+                (Some(best), _) if !may_create => json!({
+                    "result": "skipped",
+                    "reason": "dry_run: an index is created only in enforce",
+                    "would_create": best.definition,
+                }),
                 (Some(_), Some(until)) => json!({
                     "result": "skipped",
                     "reason": format!("one index per {every:?} on this target; the next may be built after {}", rfc3339(until)),
                 }),
                 (Some(best), None) => {
-                    // A connection of its own, dropped if the action is cut short: the build
-                    // holds a session advisory lock and session settings until it ends.
-                    let mut config: tokio_postgres::Config = h
-                        .url()
-                        .expose()
-                        .parse()
-                        .map_err(|e| h.failure(&e).message)?;
-                    config.application_name(crate::targets::PG_APPLICATION_NAME);
-                    let (mut own, conn) = config
-                        .connect(tokio_postgres::NoTls)
+                    // The hold is taken when the build starts, so no second build starts on
+                    // this target while one runs, even one whose action was cut off by
+                    // `actions.timeout`: the build is a task of its own that runs to its end
+                    // (a dropped CREATE INDEX CONCURRENTLY would go on on the server without
+                    // anyone to record it), records its outcome, and gives the hold back if
+                    // nothing was built.
+                    let until = now + i64::try_from(every.as_millis()).unwrap_or(i64::MAX / 4);
+                    self.gates().enforce.hold(&key, until);
+                    self.persist_gates();
+                    let record = self.base(
+                        req,
+                        self.mode(req),
+                        Some(&ActionSpec::IndexAdvice(a.clone())),
+                        Some(&format!("postgres/{}", h.name)),
+                    );
+                    let build = tokio::spawn(self.clone().build_index(
+                        h.clone(),
+                        best.clone(),
+                        a.partitioned_tables.clone(),
+                        key,
+                        record,
+                    ));
+                    build
                         .await
-                        .map_err(|e| h.failure(&e).message)?;
-                    let task = tokio::spawn(conn);
-                    let created = crate::advisor::create_index(
-                        &mut own,
-                        &best.index,
-                        &CreateOptions {
-                            partitioned_allowed: a.partitioned_tables.clone(),
-                            ..CreateOptions::default()
-                        },
-                    )
-                    .await;
-                    drop(own);
-                    task.abort();
-                    let created = created.map_err(|e| h.url().scrub(&e.to_string()))?;
-                    if let Creation::Created { index, .. } = &created {
-                        let until = now + i64::try_from(every.as_millis()).unwrap_or(i64::MAX / 4);
-                        self.gates().enforce.hold(&key, until);
-                        self.persist_gates();
-                        if let Some(store) = &s.advice {
-                            store.mark_created(&h.name, &best.id, index, now_ms());
-                            if let Some(r) = &s.registry {
-                                store.publish(r, now_ms());
-                            }
-                        }
-                    }
-                    serde_json::to_value(&created).unwrap_or(Value::Null)
+                        .map_err(|e| format!("the index build task failed: {e}"))??
                 }
             };
             result.insert("create".into(), creation);
@@ -411,5 +429,79 @@ impl Actions {
             result: Value::Object(result),
             ..Outcome::default()
         })
+    }
+
+    /// Builds one advised index on a connection of its own (the build holds a session
+    /// advisory lock and session settings until it ends), then records the outcome in the
+    /// audit log (`phase: index_build`), marks the advice created, or gives back the hold
+    /// taken for it when nothing was built.
+    async fn build_index(
+        self,
+        h: crate::targets::PgHandle,
+        best: crate::advisor::Advice,
+        partitioned_allowed: Vec<String>,
+        hold_key: String,
+        mut record: Record,
+    ) -> Result<Value, String> {
+        use crate::advisor::{CreateOptions, Creation};
+        let started = Instant::now();
+        let created = async {
+            let mut config: tokio_postgres::Config = h
+                .url()
+                .expose()
+                .parse()
+                .map_err(|e| h.failure(&e).message)?;
+            config.application_name(crate::targets::PG_APPLICATION_NAME);
+            let (mut own, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| h.failure(&e).message)?;
+            let task = tokio::spawn(conn);
+            let created = crate::advisor::create_index(
+                &mut own,
+                &best.index,
+                &CreateOptions {
+                    partitioned_allowed,
+                    ..CreateOptions::default()
+                },
+            )
+            .await;
+            drop(own);
+            task.abort();
+            created.map_err(|e| h.url().scrub(&e.to_string()))
+        }
+        .await;
+        let s = &self.inner.services;
+        match &created {
+            Ok(Creation::Created { index, .. }) => {
+                if let Some(store) = &s.advice {
+                    store.mark_created(&h.name, &best.id, index, now_ms());
+                    if let Some(r) = &s.registry {
+                        store.publish(r, now_ms());
+                    }
+                }
+            }
+            Ok(Creation::Skipped { .. }) | Err(_) => {
+                self.gates().enforce.hold(&hold_key, now_ms());
+                self.persist_gates();
+            }
+        }
+        let now = now_ms();
+        record.time = rfc3339(now);
+        record.ts_ms = now;
+        record.phase = "index_build".into();
+        record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        match &created {
+            Ok(c) => {
+                record.decision = "applied".into();
+                record.result = serde_json::to_value(c).unwrap_or(Value::Null);
+            }
+            Err(e) => {
+                record.decision = "failed".into();
+                record.error = Some(e.clone());
+            }
+        }
+        self.write(record).await;
+        created.map(|c| serde_json::to_value(&c).unwrap_or(Value::Null))
     }
 }
