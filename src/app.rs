@@ -184,7 +184,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let data_dir = match std::fs::create_dir_all(&settings.data_dir) {
         Ok(()) => Some(settings.data_dir.as_path()),
         Err(err) => {
-            tracing::warn!(dir = %settings.data_dir.display(), error = %err, "data directory unusable; rule state will not survive a restart");
+            tracing::error!(dir = %settings.data_dir.display(), error = %err, "data directory unusable: rule state will not survive a restart, and no action will run");
             None
         }
     };
@@ -229,11 +229,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut services = action_services(&settings)?;
     services.advice = Some(recommendations.clone());
     services.registry = Some(registry.clone());
+    // The actions stage judges the data directory itself: without a usable one it runs no
+    // action and says why (at start and on /api/v1/status).
     let actions = Actions::with_playbooks(
         settings.config.actions.clone(),
         &settings.config.knobs,
         services,
-        data_dir,
+        Some(settings.data_dir.as_path()),
         Some(Arc::new(RegistryVerifier(registry.clone()))),
         &registry,
         playbooks,

@@ -1,20 +1,21 @@
 //! Knobs: named, bounded tunables (the batch size, a worker count) that `knob` actions move and
 //! that the application owning the loop follows. Owns their declared bounds, their current
-//! values and history (persisted in `knobs.json` in the data directory by atomic write), the
+//! values and history (persisted in `knobs.json` in the data directory through `statefile`), the
 //! planning of a move (`set`, `scale`, `step`, and the controller), and the controller's
 //! stabilization and change budget. Pure planning with the time passed in; mirroring to Redis
 //! or a webhook is the executor's job.
 //!
-//! Uses its parent's `KnobAction` and `Controller` specs only.
+//! Uses its parent's `KnobAction` and `Controller` specs and the shared `statefile`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Controller, KnobAction};
+use crate::statefile::{StateError, StateFile};
 
 /// A knob as the configuration declares it.
 #[derive(Debug, Clone, PartialEq)]
@@ -267,7 +268,8 @@ pub fn commit(st: &mut KnobState, plan: &Plan, now_ms: i64) {
 pub struct Knobs {
     configs: BTreeMap<String, KnobConfig>,
     states: Mutex<BTreeMap<String, KnobState>>,
-    path: Option<PathBuf>,
+    /// Where they persist; `None` without a data directory or when the file was unreadable.
+    file: Option<StateFile>,
 }
 
 /// A knob's public view.
@@ -292,19 +294,18 @@ pub struct KnobView {
 impl Knobs {
     /// The declared knobs, with their values restored from `dir/knobs.json` when there (a
     /// restored value is clamped to the bounds declared now).
-    pub fn load(configs: Vec<KnobConfig>, dir: Option<&Path>) -> Knobs {
-        let path = dir.map(|d| d.join("knobs.json"));
-        let saved: BTreeMap<String, KnobState> = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| match serde_json::from_slice(&b) {
-                Ok(s) => Some(s),
-                Err(err) => {
-                    tracing::warn!(error = %err, "knobs.json unreadable; knobs start at their initial values");
-                    None
-                }
-            })
-            .unwrap_or_default();
+    ///
+    /// A `knobs.json` that exists but cannot be read or parsed is returned as the error beside
+    /// knobs at their initial values that are never persisted: the file is kept as it is for
+    /// the operator, not reset by the next change.
+    pub fn load(configs: Vec<KnobConfig>, dir: Option<&Path>) -> (Knobs, Option<StateError>) {
+        let file = dir.map(|d| StateFile::new(d.join("knobs.json")));
+        let (saved, file, error) = match file.as_ref().map(StateFile::load) {
+            None => (BTreeMap::new(), None, None),
+            Some(Ok(saved)) => (saved.unwrap_or_default(), file, None),
+            Some(Err(err)) => (BTreeMap::new(), None, Some(err)),
+        };
+        let saved: BTreeMap<String, KnobState> = saved;
         let mut states = BTreeMap::new();
         for c in &configs {
             let st = match saved.get(&c.name) {
@@ -319,11 +320,12 @@ impl Knobs {
             };
             states.insert(c.name.clone(), st);
         }
-        Knobs {
+        let knobs = Knobs {
             configs: configs.into_iter().map(|c| (c.name.clone(), c)).collect(),
             states: Mutex::new(states),
-            path,
-        }
+            file,
+        };
+        (knobs, error)
     }
 
     /// A knob's declaration.
@@ -346,12 +348,16 @@ impl Knobs {
             let mut states = self.lock();
             let st = states.get_mut(name)?;
             let out = f(st);
-            (out, serde_json::to_vec_pretty(&*states).ok())
+            // Stamped under the lock: the newest snapshot is the one that stays on disk.
+            let snapshot = self.file.as_ref().and_then(|file| {
+                serde_json::to_vec_pretty(&*states)
+                    .ok()
+                    .map(|bytes| (file.clone(), file.stamp(), bytes))
+            });
+            (out, snapshot)
         };
-        if let (Some(path), Some(bytes)) = (&self.path, snapshot)
-            && let Err(err) = write_atomically(path, &bytes)
-        {
-            tracing::warn!(error = %err, path = %path.display(), "persisting knob values failed");
+        if let Some((file, stamp, bytes)) = snapshot {
+            save_detached(file, stamp, bytes);
         }
         Some(out)
     }
@@ -377,16 +383,22 @@ impl Knobs {
     }
 }
 
-/// Writes through a temporary file and a rename: a crash leaves the old file or the new one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+/// Writes a state file's snapshot on the blocking pool (the async workers never wait on the
+/// disk), or here when called outside a runtime. The writer keeps the newest snapshot, so
+/// writes finishing out of order never leave an older one behind; a failure is logged (and
+/// counted by the state file).
+pub fn save_detached(file: StateFile, stamp: u64, bytes: Vec<u8>) {
+    let write = move || {
+        if let Err(err) = file.write_blocking(stamp, &bytes) {
+            tracing::warn!(error = %err, "persisting state failed");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(write);
+        }
+        Err(_) => write(),
     }
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -552,15 +564,33 @@ mod tests {
     #[test]
     fn values_persist_and_are_clamped_to_new_bounds() {
         let dir = tempfile::tempdir().unwrap();
-        let knobs = Knobs::load(vec![batch()], Some(dir.path()));
+        let (knobs, err) = Knobs::load(vec![batch()], Some(dir.path()));
+        assert!(err.is_none());
         knobs.update("batch_size", |s| s.value = 1800.0).unwrap();
-        let again = Knobs::load(vec![batch()], Some(dir.path()));
+        let (again, _) = Knobs::load(vec![batch()], Some(dir.path()));
         assert_eq!(again.state("batch_size").unwrap().value, 1800.0);
         let mut narrower = batch();
         narrower.max = 1500.0;
-        let clamped = Knobs::load(vec![narrower], Some(dir.path()));
+        let (clamped, _) = Knobs::load(vec![narrower], Some(dir.path()));
         assert_eq!(clamped.state("batch_size").unwrap().value, 1500.0);
         assert!(clamped.update("missing", |_| ()).is_none());
+    }
+
+    #[test]
+    fn an_unreadable_knobs_file_is_an_error_and_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("knobs.json");
+        std::fs::write(&path, b"{\"batch_size\": {\"value\": 17").unwrap();
+        let (knobs, err) = Knobs::load(vec![batch()], Some(dir.path()));
+        let err = err.expect("a torn knobs.json is an error").to_string();
+        assert!(err.contains("knobs.json"), "{err}");
+        assert_eq!(knobs.state("batch_size").unwrap().value, 1000.0);
+        knobs.update("batch_size", |s| s.value = 1800.0).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"batch_size\": {\"value\": 17",
+            "the file is kept for the operator"
+        );
     }
 
     #[test]

@@ -210,6 +210,10 @@ async fn status(State(state): State<AppState>, headers: HeaderMap, p: Peer) -> R
         },
         "knobs": acts.map(Actions::knobs).unwrap_or_default(),
         "breakers": acts.map(breaker_list).unwrap_or_default(),
+        "actions": acts.map(|a| {
+            let stopped = a.stopped();
+            json!({ "stopped": stopped.is_some(), "reason": stopped })
+        }),
     }))
 }
 
