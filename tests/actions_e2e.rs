@@ -81,7 +81,7 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 struct Burn(
     Arc<AtomicBool>,
     Vec<std::thread::JoinHandle<()>>,
-    common::CpuHold,
+    #[allow(dead_code, reason = "held, never read: dropping it releases the CPUs")] common::CpuHold,
 );
 
 impl Burn {

@@ -215,3 +215,45 @@ async fn the_harness_starts_the_binary_without_the_shipped_rules() {
         .await;
     assert!(s.value("autotuner_rules_loaded", &[]).unwrap() >= 4.0);
 }
+
+/// The harness's answer to a port taken between its choice and the server's bind: the server
+/// fails ("Address already in use") and is started again on another port. Made real by taking
+/// the first chosen port ourselves before a real redis-server tries it.
+#[test]
+fn a_server_whose_port_was_taken_is_started_on_another() {
+    if common::require("redis-server").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("redis.log");
+    let mut taken = Vec::new();
+    let mut tried = Vec::new();
+    let (port, mut child) = common::spawn_on_free_port(
+        "redis-server",
+        |port| {
+            tried.push(port);
+            if tried.len() == 1 {
+                // Another process got there first.
+                taken.push(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+            }
+            let _ = std::fs::remove_file(&log);
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(&log)
+                .spawn()
+                .unwrap()
+        },
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    );
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(tried.len(), 2, "ports tried: {tried:?}");
+    assert_eq!(port, tried[1]);
+    assert_ne!(tried[0], tried[1]);
+    assert!(alive, "the server on the second port is running");
+}
