@@ -393,12 +393,11 @@ async fn pgbouncer_pool_of_two_with_five_slow_clients() {
     for c in clients {
         c.await.unwrap();
     }
-    let s = app
-        .scrape_until(Duration::from_secs(12), "the queue drained", |s| {
-            s.value("pgbouncer_clients_waiting", &pool) == Some(0.0)
-                && s.value("pgbouncer_pools_client_maxwait_seconds", &pool) == Some(0.0)
-        })
-        .await;
+    app.scrape_until(Duration::from_secs(12), "the queue drained", |s| {
+        s.value("pgbouncer_clients_waiting", &pool) == Some(0.0)
+            && s.value("pgbouncer_pools_client_maxwait_seconds", &pool) == Some(0.0)
+    })
+    .await;
     // Three clients waited for one of two connections held 3 s each (about 3 + 3 + 6 s): the
     // published total is the console's own, read before and after a scrape that agree.
     let console = pg_connect(&env.pgbouncer_url).await;
