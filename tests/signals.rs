@@ -6,7 +6,7 @@
 //!   user without `+slowlog` keeps every other figure.
 //! - PostgreSQL: the longest active query and the active slow queries against
 //!   `pg_stat_activity`; the `pg_stat_database` counters and the windowed buffer cache hit ratio
-//!   against the server's row, in a database of the test's own whose counters it freezes.
+//!   against the server's row, in a database of the test's own that nobody else uses.
 //! - PgBouncer: a private one killed and restarted on its port.
 //!
 //! Every test owns its servers, databases and keys, so the tests run in parallel with each other
@@ -46,10 +46,14 @@ async fn start_with(config: &str) -> (Autotuner, tempfile::TempDir) {
     (app, dir)
 }
 
+/// A connection whose replies may take long on a loaded machine (the default gives up after
+/// 500 ms, which a pipeline of a megabyte can exceed).
 async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }
@@ -138,12 +142,11 @@ async fn memory_purge_returns_the_dirty_pages_to_the_os_and_keeps_every_key() {
         let n: u64 = del.query_async(&mut c).await.unwrap();
         assert_eq!(n, 1000);
     }
-    // Redis samples these figures in its cron (every 100 ms): wait for a sample taken after the
-    // last DEL (the data is gone from `allocated`). jemalloc's own decay returns dirty pages over
-    // 10 s, so most of the 96 MB is still resident then.
-    let idle_allocated = num(&fresh, "allocator_allocated");
+    // The allocator's figures are sampled by Redis's cron, `used_memory` is counted live: wait
+    // for a sample taken after the last DEL (the two agree again). jemalloc's own decay returns
+    // dirty pages over 10 s, so most of the 96 MB is still resident then.
     let before = info_until(&mut c, "memory", "the freed pages", |i| {
-        num(i, "allocator_allocated") < idle_allocated + 4.0 * MIB
+        num(i, "allocator_allocated") < num(i, "used_memory") + 1.5 * MIB
     })
     .await;
     assert!(
@@ -167,7 +170,7 @@ async fn memory_purge_returns_the_dirty_pages_to_the_os_and_keeps_every_key() {
     // Only unused pages went: the data and the pages holding it are the same.
     for field in ["used_memory", "allocator_allocated", "allocator_active"] {
         let (b, a) = (num(&before, field), num(&after, field));
-        assert!((b - a).abs() < 2.0 * MIB, "{field}: {b} before, {a} after");
+        assert!((b - a).abs() < 3.0 * MIB, "{field}: {b} before, {a} after");
     }
     let keys: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
     assert_eq!(keys, 100);
@@ -541,19 +544,18 @@ async fn pgbouncer_unreachable_and_back() {
         .await;
     let before = common::scrape_median(&app, 21).await;
 
-    bouncer.kill();
-    let s = app
-        .scrape_until(Duration::from_secs(5), "pgbouncer_up 0", |s| {
-            s.value("pgbouncer_up", &t) == Some(0.0)
-        })
-        .await;
     let err = |s: &Scrape, reason: &str| {
         s.value(
             "autotuner_target_error",
             &[("kind", "pgbouncer"), ("target", "own"), ("reason", reason)],
         )
     };
-    assert_eq!(err(&s, "connect"), Some(1.0), "{}", s.text);
+    bouncer.kill();
+    let s = app
+        .scrape_until(Duration::from_secs(5), "pgbouncer_up 0, refused", |s| {
+            s.value("pgbouncer_up", &t) == Some(0.0) && err(s, "connect") == Some(1.0)
+        })
+        .await;
     // No pool figures from a console that did not answer: stale ones would look like a pool.
     assert!(
         s.all("pgbouncer_pools_client_active_connections")
@@ -571,6 +573,8 @@ async fn pgbouncer_unreachable_and_back() {
         "median scrape {before:?} with PgBouncer up, {during:?} with it down"
     );
     drop(client);
+    // Down for several intervals: still logged once, not once per interval.
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     bouncer.launch();
     let client = pg_connect(&bouncer.client_url).await;
@@ -581,15 +585,25 @@ async fn pgbouncer_unreachable_and_back() {
     assert_eq!(err(&s, "connect"), Some(0.0));
     let log = app.log.lock().unwrap().join("\n");
     let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
-    assert_eq!(count("PgBouncer unreachable"), 1, "{log}");
+    // One line per change: the dead connection may be noticed as an error before the refused
+    // reconnection, never a line per interval.
+    let down = log.lines().filter(|l| l.contains("PgBouncer unreachable"));
+    assert_eq!(
+        down.clone()
+            .filter(|l| l.contains("\"reason\":\"connect\""))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(down.count() <= 2, "{log}");
     assert_eq!(count("PgBouncer reachable again"), 1, "{log}");
     let password = url::Url::parse(&bouncer.admin_url).unwrap();
     assert!(!log.contains(password.password().unwrap()), "{log}");
 }
 
-fn pg_config(url: &str) -> String {
+fn pg_config(url: &str, window: f64) -> String {
     format!(
-        "collectors:\n  postgres:\n    interval: 1s\n    timeout: 800ms\n    window: 6s\ntargets:\n  postgres:\n    - name: main\n      url: '{url}'\n"
+        "collectors:\n  postgres:\n    interval: 1s\n    timeout: 800ms\n    window: {window}s\ntargets:\n  postgres:\n    - name: main\n      url: '{url}'\n"
     )
 }
 
@@ -618,7 +632,7 @@ async fn active_figures(c: &tokio_postgres::Client, slow: f64, sleeper: i32) -> 
 /// between the first figure less that lag and the second; the slow count, when both figures
 /// agree, is that count.
 async fn check_active(app: &Autotuner, c: &tokio_postgres::Client, slow: f64, sleeper: i32) {
-    const LAG: f64 = 2.5;
+    let mut last = String::from("the server's active queries never held still across a scrape");
     for _ in 0..5 {
         let (max1, slow1, mine1) = active_figures(c, slow, sleeper).await;
         let s = app.scrape().await;
@@ -633,21 +647,25 @@ async fn check_active(app: &Autotuner, c: &tokio_postgres::Client, slow: f64, sl
             published >= max1 - LAG && published >= mine1 - LAG && published <= max2 + 1e-3,
             "published {published}s; the server said {max1}s then {max2}s (ours {mine1}s)"
         );
-        assert_eq!(
-            s.value("pg_active_slow_queries", &MAIN),
-            Some(slow1),
-            "{}",
-            s.text
-        );
-        return;
+        // Another client's query may have crossed the threshold between the collection and
+        // the first figure: try again rather than accept a different count.
+        let published = s.value("pg_active_slow_queries", &MAIN);
+        if published == Some(slow1) {
+            return;
+        }
+        last = format!("published {published:?} slow queries, the server says {slow1}");
     }
-    panic!("the server's active queries never held still across a scrape");
+    panic!("{last}");
 }
+
+/// How long before a scrape the collection it shows may have run: one interval, plus slack
+/// for a loaded machine.
+const LAG: f64 = 2.5;
 
 #[tokio::test]
 async fn the_longest_active_query_and_the_slow_count_match_pg_stat_activity() {
     let Some(env) = PgEnv::get() else { return };
-    let (app, _dir) = start_with(&pg_config(&env.monitor_url)).await;
+    let (app, _dir) = start_with(&pg_config(&env.monitor_url, 6.0)).await;
     let s = app
         .scrape_until(Duration::from_secs(5), "activity", |s| {
             s.value("pg_active_query_max_duration_seconds", &MAIN)
@@ -684,7 +702,7 @@ async fn the_longest_active_query_and_the_slow_count_match_pg_stat_activity() {
         .await
         .unwrap();
     sleeping.await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_secs_f64(LAG)).await;
     check_active(&app, &checker, slow, pid).await;
 }
 
@@ -758,13 +776,6 @@ async fn stat_database_counters_and_the_hit_ratio_match_the_servers_row() {
     let mut db_url = url::Url::parse(&env.url).unwrap();
     db_url.set_path(&format!("/{db}"));
     let db_url = db_url.to_string();
-    // The counters of a database nobody can connect to stand still (autovacuum skips it too):
-    // the published figures must then be the server's exactly.
-    let freeze = |allow: bool| {
-        let sql = format!("ALTER DATABASE {db} ALLOW_CONNECTIONS {allow}");
-        let admin = &admin;
-        async move { admin.batch_execute(&sql).await.unwrap() }
-    };
     let setup = pg_connect(&db_url).await;
     setup
         .batch_execute(
@@ -774,25 +785,34 @@ async fn stat_database_counters_and_the_hit_ratio_match_the_servers_row() {
         .await
         .unwrap();
     drop(setup);
-    freeze(false).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while stable_row(&admin, &db).await[0] != 0.0 {
         assert!(Instant::now() < deadline, "the setup connection never left");
     }
-    let quiet = stable_row(&admin, &db).await;
-    let (app, _dir) = start_with(&pg_config(&env.monitor_url)).await;
+    let window = 10.0;
+    let (app, _dir) = start_with(&pg_config(&env.monitor_url, window)).await;
     let on_db = [("target", "main"), ("datname", db.as_str())];
-    // A window (6 s) without a block needed: no ratio.
-    let s = app
-        .scrape_until(Duration::from_secs(15), "the quiet row", |s| {
-            published_row(s, &db) == quiet.iter().map(|v| Some(*v)).collect::<Vec<_>>()
-        })
-        .await;
-    assert_eq!(s.value("pg_buffer_cache_hit_ratio", &on_db), None);
+    let as_published = |row: &[f64]| row.iter().map(|v| Some(*v)).collect::<Vec<_>>();
+    // Nobody uses the database now, so every reading in the collector's window is the same row
+    // once a window and the lag have passed: the published figures must be the server's, and a
+    // window that needed no block has no ratio. Autovacuum may still connect to it (about once a
+    // minute); a visit during the wait means waiting again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let quiet = loop {
+        let first = stable_row(&admin, &db).await;
+        tokio::time::sleep(Duration::from_secs_f64(window + LAG)).await;
+        let s = app.scrape().await;
+        let last = stable_row(&admin, &db).await;
+        if first == last {
+            assert_eq!(published_row(&s, &db), as_published(&last));
+            assert_eq!(s.value("pg_buffer_cache_hit_ratio", &on_db), None);
+            break last;
+        }
+        assert!(Instant::now() < deadline, "{db} never held still");
+    };
 
     // Work of every kind, by two sessions that stay connected (idle) once their statistics are
     // flushed.
-    freeze(true).await;
     let writer = pg_connect(&db_url).await;
     writer
         .batch_execute(
@@ -812,8 +832,22 @@ async fn stat_database_counters_and_the_hit_ratio_match_the_servers_row() {
         )
         .await
         .unwrap();
-    freeze(false).await;
-    let worked = stable_row(&admin, &db).await;
+    // The server's row as it stands when a collection has published it (an autovacuum visit
+    // after the work moves both alike).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (worked, s) = loop {
+        let worked = stable_row(&admin, &db).await;
+        let s = app.scrape().await;
+        if published_row(&s, &db) == as_published(&worked) {
+            break (worked, s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "published {:?}, the server says {worked:?}",
+            published_row(&s, &db)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let delta = |c: &str| {
         let i = COLUMNS.iter().position(|x| *x == c).unwrap();
         worked[i] - quiet[i]
@@ -841,11 +875,6 @@ async fn stat_database_counters_and_the_hit_ratio_match_the_servers_row() {
         (expected - since_creation).abs() > 1e-6,
         "the window's ratio must differ from the ratio since the database's creation"
     );
-    let s = app
-        .scrape_until(Duration::from_secs(5), "the worked row", |s| {
-            published_row(s, &db) == worked.iter().map(|v| Some(*v)).collect::<Vec<_>>()
-        })
-        .await;
     let ratio = s.value("pg_buffer_cache_hit_ratio", &on_db).unwrap();
     assert!(
         (ratio - expected).abs() < 1e-9,
