@@ -197,11 +197,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     ));
     tasks.push(tokio::spawn(intake.clone().run(shutdown.clone())));
     let (request_tx, request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
-    let engine = Engine::new(
+    let engine = Engine::with_knobs(
         registry.clone(),
         settings.rules_dir.clone(),
         data_dir,
         request_tx,
+        Some(
+            settings
+                .config
+                .knobs
+                .iter()
+                .map(|k| k.name.clone())
+                .collect(),
+        ),
     )
     .context("starting the rule engine")?;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<()>(1);

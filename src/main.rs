@@ -26,8 +26,8 @@ fn main() -> ExitCode {
             what: CheckCommand::Config { files },
         }) => check_config(&files),
         Some(Command::Check {
-            what: CheckCommand::Rules { files },
-        }) => check_rules(&files),
+            what: CheckCommand::Rules { config, files },
+        }) => check_rules(config.as_deref(), &files),
         Some(Command::Test {
             what: TestCommand::Rules { files },
         }) => test_rules(&files),
@@ -55,10 +55,29 @@ fn check_config(files: &[std::path::PathBuf]) -> ExitCode {
     }
 }
 
-/// `autotuner check rules FILE...`, in the promtool style: every error of every file, then the
-/// warnings; exit 1 if there was any error.
-fn check_rules(files: &[std::path::PathBuf]) -> ExitCode {
-    let loaded = autotuner::rules::compile::load_files(files);
+/// `autotuner check rules [--config.file FILE] FILE...`, in the promtool style: every error of
+/// every file, then the warnings; exit 1 if there was any error. Given the configuration, a
+/// knob action naming a knob it does not declare is an error.
+fn check_rules(config: Option<&std::path::Path>, files: &[std::path::PathBuf]) -> ExitCode {
+    let mut loaded = autotuner::rules::compile::load_files(files);
+    if let Some(path) = config {
+        match Config::load(path) {
+            Ok(c) => {
+                let declared = c.knobs.iter().map(|k| k.name.clone()).collect();
+                loaded
+                    .errors
+                    .extend(autotuner::rules::compile::undeclared_knobs(
+                        &loaded.rules,
+                        &declared,
+                    ));
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                eprintln!("{}: FAILED (the configuration)", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     for file in files {
         println!("Checking {}", file.display());
         let errors: Vec<_> = loaded.errors.iter().filter(|p| &p.file == file).collect();

@@ -57,6 +57,8 @@ pub struct Rule {
     pub actions: Vec<ActionSpec>,
     /// Its verification.
     pub verify: Option<VerifySpec>,
+    /// The knobs its actions move, each with where its action is written (line, column).
+    pub knobs: Vec<(String, usize, usize)>,
     /// Where it is written, for messages.
     pub source: PathBuf,
     /// Its line in the file.
@@ -321,10 +323,13 @@ impl Compiler<'_> {
                 "a rule on received alerts (autotuner_alert) needs `on_absent: clear`: the series disappears when the alert resolves",
             );
         }
+        let mut moved = Vec::new();
         for (i, action) in spec.actions.iter().enumerate() {
             let mut apath = at("actions");
             apath.push(i.into());
             if let ActionSpec::Knob(k) = action {
+                let place = self.loc.value(&apath);
+                moved.push((k.name.clone(), place.line, place.column));
                 let moves = [
                     k.set.is_some(),
                     k.scale.is_some(),
@@ -411,11 +416,37 @@ impl Compiler<'_> {
                 allow_destructive: spec.allow_destructive,
                 actions: spec.actions,
                 verify: spec.verify,
+                knobs: moved,
                 source: self.file.to_owned(),
                 line,
             });
         }
     }
+}
+
+/// The knob actions of `rules` that name a knob `declared` does not hold, located at the
+/// action: such an action could only ever fail (the knob has no bounds to move within).
+pub fn undeclared_knobs(
+    rules: &[Rule],
+    declared: &std::collections::BTreeSet<String>,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for r in rules {
+        for (name, line, column) in &r.knobs {
+            if !declared.contains(name) {
+                out.push(problem(
+                    &r.source,
+                    *line,
+                    *column,
+                    format!(
+                        "rule {:?} moves knob {name:?}, which the configuration does not declare (add it under `knobs:`)",
+                        r.name
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// For the common threshold form (`m > 0.8` with `clear: m < 0.7`): a `clear` that can hold

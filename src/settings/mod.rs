@@ -90,6 +90,10 @@ pub enum CheckCommand {
     },
     /// Validate rule files as one set (names unique across them), like `promtool check rules`.
     Rules {
+        /// The configuration the rules will run with: knob actions are checked against the
+        /// knobs it declares.
+        #[arg(long = "config.file", env = "AUTOTUNER_CONFIG_FILE")]
+        config: Option<PathBuf>,
         /// The files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,

@@ -26,6 +26,7 @@ pub use watch::watch;
 
 use persist::persisted;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -95,6 +96,8 @@ pub struct Engine {
     modes_file: Option<StateFile>,
     /// State files found unreadable at start, shown with the reload warnings.
     state_problems: Mutex<Vec<String>>,
+    /// The knobs the configuration declares (`None`: not checked).
+    knobs: Option<BTreeSet<String>>,
 }
 
 struct Metrics {
@@ -161,12 +164,26 @@ impl Metrics {
 
 impl Engine {
     /// An engine over the rules in `dir`, persisting its state in `data_dir` (if given), sending
-    /// requests on `requests`. Loads the rules once; an error there leaves it with none.
+    /// requests on `requests`. Loads the rules once; an error there leaves it with none. Knob
+    /// actions are not checked against a configuration (see [`Engine::with_knobs`]).
     pub fn new(
         registry: Arc<Registry>,
         dir: PathBuf,
         data_dir: Option<&Path>,
         requests: mpsc::Sender<ActionRequest>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        Self::with_knobs(registry, dir, data_dir, requests, None)
+    }
+
+    /// [`Engine::new`], knowing the knobs the configuration declares: a rule whose knob action
+    /// names another is skipped at every load, with a warning at the action's place, rather
+    /// than failing each time it fires.
+    pub fn with_knobs(
+        registry: Arc<Registry>,
+        dir: PathBuf,
+        data_dir: Option<&Path>,
+        requests: mpsc::Sender<ActionRequest>,
+        knobs: Option<BTreeSet<String>>,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new(&registry)?;
         let modes_file = data_dir.map(|d| StateFile::new(d.join("modes.json")));
@@ -192,6 +209,7 @@ impl Engine {
             modes: Mutex::new(modes),
             modes_file,
             state_problems: Mutex::new(state_problems),
+            knobs,
         });
         let _ = engine.reload();
         engine.restore();

@@ -29,10 +29,21 @@ impl Engine {
                 return Err(self.failed(errors, Vec::new(), now));
             }
         };
-        let loaded = compile::load_files(&files);
+        let mut loaded = compile::load_files(&files);
         let text = |p: &[Problem]| p.iter().map(ToString::to_string).collect::<Vec<_>>();
         if !loaded.errors.is_empty() {
             return Err(self.failed(text(&loaded.errors), text(&loaded.warnings), now));
+        }
+        // A knob action on an undeclared knob could only fail, every time its rule fires: the
+        // rule is left out (the others load), with one warning per reload at the action.
+        let mut skipped = Vec::new();
+        if let Some(declared) = &self.knobs {
+            for p in compile::undeclared_knobs(&loaded.rules, declared) {
+                skipped.push(format!("{p}; the rule is skipped"));
+            }
+            loaded
+                .rules
+                .retain(|r| r.knobs.iter().all(|(k, _, _)| declared.contains(k)));
         }
         let mut inner = self.lock();
         let old: HashMap<String, String> = inner
@@ -65,6 +76,7 @@ impl Engine {
         // A range or offset reaching past the history is computed on whatever is left of it.
         let retention = self.registry.retention();
         let mut warnings = text(&loaded.warnings);
+        warnings.extend(skipped);
         for r in &loaded.rules {
             let reach = r.expr.lookback_needed().max(
                 r.clear

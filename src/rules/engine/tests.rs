@@ -267,24 +267,32 @@ fn persisted_firing(dir: &Path, id: &str) -> bool {
 fn the_firing_state_is_on_disk_before_the_request_leaves() {
     let (dir, r, engine, mut rx) = setup(AT_ONCE);
     let state_dir = dir.path().to_owned();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    // Reads the state file the moment each request arrives: with the old order (send, then
+    // persist) the tick thread is still serializing and fsyncing then.
     let reader = std::thread::spawn(move || {
-        let mut missing = Vec::new();
-        for _ in 0..20 {
-            let req = rx.blocking_recv().unwrap();
+        while let Some(req) = rx.blocking_recv() {
             let id = req.labels.get("id").unwrap().to_owned();
-            // Read at once: on the old order the tick thread is still serializing and fsyncing.
-            if !persisted_firing(&state_dir, &id) {
-                missing.push(id);
+            let on_disk = persisted_firing(&state_dir, &id);
+            if seen_tx.send((id, on_disk)).is_err() {
+                break;
             }
         }
-        missing
     });
+    let mut missing = Vec::new();
     for round in 0..20 {
         let t = round as i64 * 1000;
         publish_m(&r, 0..round + 1, t);
         engine.tick(t);
+        // One new instance fires each round: one request, checked before the next tick.
+        let (id, on_disk) = seen_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(id, round.to_string());
+        if !on_disk {
+            missing.push(id);
+        }
     }
-    let missing = reader.join().unwrap();
+    drop(engine);
+    reader.join().unwrap();
     assert!(
         missing.is_empty(),
         "requests observed before their firing state was persisted: {missing:?}"
