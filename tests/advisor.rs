@@ -692,3 +692,208 @@ async fn stale_tables_are_analyzed_when_permitted() {
     }
     eprintln!("analyze test: {:.1}s", started.elapsed().as_secs_f64());
 }
+
+/// Roles of one test beside its scratch database, dropped after it (declare before the
+/// `Scratch`, so they outlive the database whose objects they own).
+struct Roles {
+    admin_url: String,
+    names: Vec<String>,
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        let (url, names) = (self.admin_url.clone(), self.names.clone());
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = pg_connect(&url).await;
+                for n in names.iter().rev() {
+                    admin
+                        .batch_execute(&format!(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{n}'"
+                        ))
+                        .await?;
+                }
+                for n in names.iter().rev() {
+                    // Terminated sessions leave a moment later.
+                    let mut tries = 0;
+                    while let Err(e) = admin.batch_execute(&format!("DROP ROLE IF EXISTS {n}")).await {
+                        tries += 1;
+                        if tries > 100 {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Ok(()))) {
+            eprintln!("dropping the roles {:?} failed: {done:?}", self.names);
+        }
+    }
+}
+
+/// Planning evaluates immutable functions: a statement of role `app` calling app's function
+/// that terminates another session must not succeed because the autotuner (which holds
+/// `pg_signal_backend`) planned it, neither directly nor by the function resetting the role;
+/// a statement of a role the autotuner may not take is not planned, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_planned_as_their_role_and_never_with_the_autotuners_privileges() {
+    let Some(env) = PgEnv::get() else { return };
+    let suffix = std::process::id();
+    let [app, stranger, victim, tuner] =
+        ["app", "stranger", "victim", "tuner"].map(|r| format!("advisor_{r}_{suffix}"));
+    let roles = Roles {
+        admin_url: env.url.clone(),
+        names: vec![app.clone(), stranger.clone(), victim.clone(), tuner.clone()],
+    };
+    let pw = "advisor-roles-test-pw";
+    let admin = pg_connect(&env.url).await;
+    for n in &roles.names {
+        admin
+            .batch_execute(&format!(
+                "DROP ROLE IF EXISTS {n}; CREATE ROLE {n} LOGIN PASSWORD '{pw}'"
+            ))
+            .await
+            .unwrap();
+    }
+    // The autotuner's role: statistics, signalling backends, and membership of `app` only.
+    admin
+        .batch_execute(&format!(
+            "GRANT pg_monitor, pg_signal_backend TO {tuner}; GRANT {app} TO {tuner}"
+        ))
+        .await
+        .unwrap();
+    let s = Scratch::new(&env, "roles").await;
+    let su = s.orders().await;
+    let as_role = |role: &str| {
+        let mut u = url::Url::parse(&s.url).unwrap();
+        u.set_username(role).unwrap();
+        u.set_password(Some(pw)).unwrap();
+        u.to_string()
+    };
+    // Two sessions of a plain role that app's code will try to end.
+    let victim1 = pg_connect(&as_role(&victim)).await;
+    let victim2 = pg_connect(&as_role(&victim)).await;
+    let pid1: i32 = victim1
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pid2: i32 = victim2
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    su.batch_execute(&format!(
+        "CREATE SCHEMA appfn AUTHORIZATION {app}; GRANT SELECT ON orders TO {app}, {stranger}; \
+         GRANT USAGE ON SCHEMA appfn TO {stranger}; SET ROLE {app}; \
+         CREATE FUNCTION appfn.tidy() RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN PERFORM pg_terminate_backend({pid1}); RETURN true; \
+           EXCEPTION WHEN OTHERS THEN RETURN true; END $f$; \
+         CREATE FUNCTION appfn.become() RETURNS bool LANGUAGE plpgsql VOLATILE AS $f$ \
+           BEGIN RESET ROLE; PERFORM pg_terminate_backend({pid2}); RETURN true; \
+           EXCEPTION WHEN OTHERS THEN RETURN true; END $f$; \
+         CREATE FUNCTION appfn.tidy2() RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN RETURN appfn.become(); END $f$; \
+         RESET ROLE;"
+    ))
+    .await
+    .unwrap();
+    s.reset_statements(&su).await;
+    // app's own runs cannot end the victims (app lacks pg_signal_backend): the functions
+    // swallow the refusal, so the statements run and are counted.
+    let app_client = pg_connect(&as_role(&app)).await;
+    const PLAIN: &str = "SELECT id FROM orders WHERE customer_id = $1 AND appfn.tidy()";
+    const ESCAPE: &str = "SELECT id FROM orders WHERE customer_id = $1 AND appfn.tidy2()";
+    const FOREIGN: &str = "SELECT id, status FROM orders WHERE customer_id = $1 AND appfn.tidy()";
+    run(&app_client, PLAIN, 10, |i| i * 37).await;
+    run(&app_client, ESCAPE, 10, |i| i * 41).await;
+    let stranger_client = pg_connect(&as_role(&stranger)).await;
+    run(&stranger_client, FOREIGN, 10, |i| i * 43).await;
+    for v in [&victim1, &victim2] {
+        v.simple_query("SELECT 1")
+            .await
+            .expect("the workload itself ended a victim");
+    }
+    let (plain_id, _, _) = measured(&su, PLAIN).await;
+    let (escape_id, _, _) = measured(&su, "appfn.tidy2()").await;
+    let (foreign_id, _, _) = measured(&su, "SELECT id, status FROM").await;
+
+    let mut advisor_client = pg_connect(&as_role(&tuner)).await;
+    let report = advisor::advise(&mut advisor_client, &options(1))
+        .await
+        .unwrap();
+
+    let alive1 = victim1.simple_query("SELECT 1").await.is_ok();
+    let alive2 = victim2.simple_query("SELECT 1").await.is_ok();
+    assert!(
+        alive1,
+        "planning app's statement ran app's code with the autotuner's privileges"
+    );
+    assert!(
+        alive2,
+        "app's code reset the role during planning and used the autotuner's"
+    );
+    let verdict = |id: i64| {
+        report
+            .examined
+            .iter()
+            .find(|e| e.queryid == id)
+            .unwrap_or_else(|| panic!("statement {id} not examined: {report:#?}"))
+            .verdict
+            .clone()
+    };
+    // Planned as app: the advice is the same as for anyone, proven with HypoPG.
+    assert!(
+        matches!(verdict(plain_id), Verdict::Advised { .. }),
+        "{report:#?}"
+    );
+    assert!(
+        report
+            .advice
+            .iter()
+            .any(|a| a.index.columns == ["customer_id"] && a.verified),
+        "{report:#?}"
+    );
+    assert!(
+        !matches!(
+            verdict(escape_id),
+            Verdict::Unexplainable | Verdict::NotPlanned { .. }
+        ),
+        "{report:#?}"
+    );
+    match verdict(foreign_id) {
+        Verdict::NotPlanned { role, reason } => {
+            assert_eq!(role, stranger);
+            assert!(
+                reason.contains(&format!("cannot act as {stranger}")),
+                "{reason}"
+            );
+        }
+        other => panic!("the stranger's statement: {other:?}"),
+    }
+    // The advisor's session is its own again, with no hypothetical index left.
+    let who: String = advisor_client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, tuner);
+    assert_eq!(hypothetical_indexes(&advisor_client).await, 0);
+    drop((
+        advisor_client,
+        app_client,
+        stranger_client,
+        victim1,
+        victim2,
+        su,
+    ));
+    drop(s);
+    drop(roles);
+}
