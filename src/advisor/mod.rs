@@ -37,7 +37,8 @@ use serde_json::Value;
 use tokio_postgres::{Client, SimpleQueryMessage, Transaction};
 
 pub use create::{
-    AnalyzeReport, AnalyzedTable, CreateOptions, Creation, analyze_stale, create_index, index_name,
+    ADVISORY_LOCK_KEY, AnalyzeReport, AnalyzedTable, CreateOptions, Creation, analyze_stale,
+    create_index, index_name,
 };
 pub use store::{Recommendation, Recommendations, Status};
 
