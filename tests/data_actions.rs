@@ -330,7 +330,7 @@ async fn exec_at_its_timeout_kills_the_program_and_what_it_started() {
     let pids = dir.path().join("pids");
     // The shell starts a child of its own and waits: both must be gone after the timeout.
     let e = exec_spec(&format!(
-        r#"exec: {{command: [/bin/sh, -c, "sleep 300 & echo $$ $! > {}; wait"], timeout: 1s}}"#,
+        r#"exec: {{command: [/bin/sh, -c, "sleep 300 & echo $$ $! > {}; wait"], timeout: 3s}}"#,
         pids.display()
     ));
     let started = Instant::now();
