@@ -269,9 +269,10 @@ async fn advice_names_the_filtered_and_sorted_column_and_not_the_indexed_one() {
     );
     assert_eq!(hypothetical_indexes(&monitor).await, 0);
 
-    // With a threshold between the two, the fast statement is not even examined.
+    // With a threshold between the two, the fast statement is not even examined. (Only their
+    // order is assumed: a primary-key lookup against a scan of 200,000 rows.)
     assert!(
-        indexed_mean * 10.0 < filter_mean,
+        indexed_mean < filter_mean,
         "{indexed_mean}s vs {filter_mean}s"
     );
     let between = AdviseOptions {
@@ -419,7 +420,22 @@ async fn creation_builds_a_valid_index_only_when_asked_and_the_statement_gets_fa
         before * 1000.0,
         after * 1000.0
     );
-    assert!(after < before / 3.0, "before {before}s, after {after}s");
+    // Faster is the planner's business and a timing on a loaded machine: what is asserted is
+    // the behaviour, that the statement's plan now reads the new index.
+    let plan: String = app
+        .query(
+            "EXPLAIN SELECT id, status FROM orders WHERE customer_id = 42",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0) + "\n")
+        .collect();
+    assert!(
+        plan.contains("orders_customer_id_autotuner_idx"),
+        "the statement does not use the built index: {plan}"
+    );
     // And the advisor no longer advises it.
     let report = advisor::advise(&mut monitor, &options(0)).await.unwrap();
     assert!(report.advice.is_empty(), "{report:#?}");
@@ -627,14 +643,16 @@ async fn stale_tables_are_analyzed_when_permitted() {
     // One transaction each, each with its table statistics flushed before the next: changes
     // that reach the shared statistics after an ANALYZE (a backend flushes them up to a second
     // late) would count as changes since it.
+    // Autovacuum off on all three: an autoanalyze racing the test would change which are
+    // stale, and the lists below are exact.
     for sql in [
-        "CREATE TABLE fresh (id int)",
+        "CREATE TABLE fresh (id int) WITH (autovacuum_enabled = false)",
         "INSERT INTO fresh SELECT generate_series(1, 10000)",
         "ANALYZE fresh",
-        "CREATE TABLE stale (id int)",
+        "CREATE TABLE stale (id int) WITH (autovacuum_enabled = false)",
         "INSERT INTO stale SELECT generate_series(1, 10000)",
         "ANALYZE stale",
-        "CREATE TABLE foreign_owned (id int)",
+        "CREATE TABLE foreign_owned (id int) WITH (autovacuum_enabled = false)",
         "INSERT INTO foreign_owned SELECT generate_series(1, 100)",
         "UPDATE stale SET id = id + 1 WHERE id <= 5000",
     ] {
@@ -691,4 +709,433 @@ async fn stale_tables_are_analyzed_when_permitted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("analyze test: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Roles of one test beside its scratch database, dropped after it (declare before the
+/// `Scratch`, so they outlive the database whose objects they own).
+struct Roles {
+    admin_url: String,
+    names: Vec<String>,
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        let (url, names) = (self.admin_url.clone(), self.names.clone());
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = pg_connect(&url).await;
+                for n in names.iter().rev() {
+                    admin
+                        .batch_execute(&format!(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{n}'"
+                        ))
+                        .await?;
+                }
+                for n in names.iter().rev() {
+                    // Terminated sessions leave a moment later.
+                    let mut tries = 0;
+                    while let Err(e) = admin.batch_execute(&format!("DROP ROLE IF EXISTS {n}")).await {
+                        tries += 1;
+                        if tries > 100 {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Ok(()))) {
+            eprintln!("dropping the roles {:?} failed: {done:?}", self.names);
+        }
+    }
+}
+
+/// Planning evaluates immutable functions: a statement of role `app` calling app's function
+/// that terminates another session must not succeed because the autotuner (which holds
+/// `pg_signal_backend`) planned it, neither directly nor by the function resetting the role;
+/// a statement of a role the autotuner may not take is not planned, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_planned_as_their_role_and_never_with_the_autotuners_privileges() {
+    let Some(env) = PgEnv::get() else { return };
+    let suffix = std::process::id();
+    let [app, stranger, victim, tuner] =
+        ["app", "stranger", "victim", "tuner"].map(|r| format!("advisor_{r}_{suffix}"));
+    let roles = Roles {
+        admin_url: env.url.clone(),
+        names: vec![app.clone(), stranger.clone(), victim.clone(), tuner.clone()],
+    };
+    let pw = "advisor-roles-test-pw";
+    let admin = pg_connect(&env.url).await;
+    for n in &roles.names {
+        admin
+            .batch_execute(&format!(
+                "DROP ROLE IF EXISTS {n}; CREATE ROLE {n} LOGIN PASSWORD '{pw}'"
+            ))
+            .await
+            .unwrap();
+    }
+    // The autotuner's role: statistics, signalling backends, and membership of `app` only.
+    admin
+        .batch_execute(&format!(
+            "GRANT pg_monitor, pg_signal_backend TO {tuner}; GRANT {app} TO {tuner}"
+        ))
+        .await
+        .unwrap();
+    let s = Scratch::new(&env, "roles").await;
+    let su = s.orders().await;
+    let as_role = |role: &str| {
+        let mut u = url::Url::parse(&s.url).unwrap();
+        u.set_username(role).unwrap();
+        u.set_password(Some(pw)).unwrap();
+        u.to_string()
+    };
+    // Two sessions of a plain role that app's code will try to end.
+    let victim1 = pg_connect(&as_role(&victim)).await;
+    let victim2 = pg_connect(&as_role(&victim)).await;
+    let pid1: i32 = victim1
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pid2: i32 = victim2
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    su.batch_execute(&format!(
+        "CREATE SCHEMA appfn AUTHORIZATION {app}; GRANT SELECT ON orders TO {app}, {stranger}; \
+         GRANT USAGE ON SCHEMA appfn TO {stranger}; SET ROLE {app}; \
+         CREATE FUNCTION appfn.tidy() RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN PERFORM pg_terminate_backend({pid1}); RETURN true; \
+           EXCEPTION WHEN OTHERS THEN RETURN true; END $f$; \
+         CREATE FUNCTION appfn.become() RETURNS bool LANGUAGE plpgsql VOLATILE AS $f$ \
+           BEGIN RESET ROLE; PERFORM pg_terminate_backend({pid2}); RETURN true; \
+           EXCEPTION WHEN OTHERS THEN RETURN true; END $f$; \
+         CREATE FUNCTION appfn.tidy2() RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN RETURN appfn.become(); END $f$; \
+         RESET ROLE;"
+    ))
+    .await
+    .unwrap();
+    s.reset_statements(&su).await;
+    // app's own runs cannot end the victims (app lacks pg_signal_backend): the functions
+    // swallow the refusal, so the statements run and are counted.
+    let app_client = pg_connect(&as_role(&app)).await;
+    const PLAIN: &str = "SELECT id FROM orders WHERE customer_id = $1 AND appfn.tidy()";
+    const ESCAPE: &str = "SELECT id FROM orders WHERE customer_id = $1 AND appfn.tidy2()";
+    const FOREIGN: &str = "SELECT id, status FROM orders WHERE customer_id = $1 AND appfn.tidy()";
+    run(&app_client, PLAIN, 10, |i| i * 37).await;
+    run(&app_client, ESCAPE, 10, |i| i * 41).await;
+    let stranger_client = pg_connect(&as_role(&stranger)).await;
+    run(&stranger_client, FOREIGN, 10, |i| i * 43).await;
+    for v in [&victim1, &victim2] {
+        v.simple_query("SELECT 1")
+            .await
+            .expect("the workload itself ended a victim");
+    }
+    let (plain_id, _, _) = measured(&su, PLAIN).await;
+    let (escape_id, _, _) = measured(&su, "appfn.tidy2()").await;
+    let (foreign_id, _, _) = measured(&su, "SELECT id, status FROM").await;
+
+    let mut advisor_client = pg_connect(&as_role(&tuner)).await;
+    let report = advisor::advise(&mut advisor_client, &options(1))
+        .await
+        .unwrap();
+
+    let alive1 = victim1.simple_query("SELECT 1").await.is_ok();
+    let alive2 = victim2.simple_query("SELECT 1").await.is_ok();
+    assert!(
+        alive1,
+        "planning app's statement ran app's code with the autotuner's privileges"
+    );
+    assert!(
+        alive2,
+        "app's code reset the role during planning and used the autotuner's"
+    );
+    let verdict = |id: i64| {
+        report
+            .examined
+            .iter()
+            .find(|e| e.queryid == id)
+            .unwrap_or_else(|| panic!("statement {id} not examined: {report:#?}"))
+            .verdict
+            .clone()
+    };
+    // Planned as app: the advice is the same as for anyone, proven with HypoPG.
+    assert!(
+        matches!(verdict(plain_id), Verdict::Advised { .. }),
+        "{report:#?}"
+    );
+    assert!(
+        report
+            .advice
+            .iter()
+            .any(|a| a.index.columns == ["customer_id"] && a.verified),
+        "{report:#?}"
+    );
+    assert!(
+        !matches!(
+            verdict(escape_id),
+            Verdict::Unexplainable | Verdict::NotPlanned { .. }
+        ),
+        "{report:#?}"
+    );
+    match verdict(foreign_id) {
+        Verdict::NotPlanned { role, reason } => {
+            assert_eq!(role, stranger);
+            assert!(
+                reason.contains(&format!("cannot act as {stranger}")),
+                "{reason}"
+            );
+        }
+        other => panic!("the stranger's statement: {other:?}"),
+    }
+    // The advisor's session is its own again, with no hypothetical index left.
+    let who: String = advisor_client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, tuner);
+    assert_eq!(hypothetical_indexes(&advisor_client).await, 0);
+    drop((
+        advisor_client,
+        app_client,
+        stranger_client,
+        victim1,
+        victim2,
+        su,
+    ));
+    drop(s);
+    drop(roles);
+}
+
+fn stage(url: &str, data: &std::path::Path) -> autotuner::actions::runner::Actions {
+    use autotuner::settings::config::{ActionsConfig, GlobalMode};
+    let target = autotuner::settings::Target {
+        name: "main".into(),
+        url: autotuner::settings::secret::SecretUrl::parse(url).unwrap(),
+        tls_ca_file: None,
+    };
+    let mut services = autotuner::actions::exec::Services {
+        http: reqwest::Client::new(),
+        slow_threshold: Duration::from_millis(1),
+        ..Default::default()
+    };
+    services.postgres.insert(
+        "main".into(),
+        autotuner::targets::PgHandle::new(
+            &target,
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            1,
+        )
+        .unwrap(),
+    );
+    let config = ActionsConfig {
+        mode: GlobalMode::Enforce,
+        timeout: Duration::from_secs(120),
+        global_limit: None,
+        target_limit: None,
+        kind_limits: std::collections::BTreeMap::new(),
+        breaker_max_actions: 100,
+        breaker_window: Duration::from_secs(3600),
+        exec_allow: vec![],
+        audit_max_bytes: 1 << 20,
+        audit_keep: 2,
+        alert_resend: Duration::from_secs(60),
+    };
+    // A registry each: two stages are two autotuners.
+    let registry = autotuner::registry::Registry::new(Duration::from_secs(600)).unwrap();
+    autotuner::actions::runner::Actions::new(config, &[], services, Some(data), None, &registry)
+        .unwrap()
+}
+
+fn create_request(episode_ms: i64) -> autotuner::actions::ActionRequest {
+    use autotuner::actions::{ActionRequest, ActionSpec, Event, Mode};
+    let spec: ActionSpec =
+        serde_yaml::from_str("index_advice: {create: true, create_every: 1h}").unwrap();
+    ActionRequest {
+        rule: "SlowQueries".into(),
+        labels: autotuner::sample::Labels::new([("severity", "warning")]),
+        value: 1.0,
+        event: Event::Firing,
+        episode_ms,
+        mode: Some(Mode::Enforce),
+        cooldown: Duration::ZERO,
+        allow_destructive: true,
+        actions: vec![spec],
+        verify: None,
+        annotations: std::collections::BTreeMap::new(),
+        rule_version: "v1".into(),
+        at_ms: episode_ms,
+        actor: "engine".into(),
+    }
+}
+
+/// What the one `index_advice` action of a request did about creation.
+async fn create_outcome(
+    actions: &autotuner::actions::runner::Actions,
+    episode_ms: i64,
+) -> serde_json::Value {
+    let steps = actions.handle(create_request(episode_ms)).await;
+    let step = steps
+        .iter()
+        .find(|s| s.action == "index_advice")
+        .unwrap_or_else(|| panic!("{steps:?}"));
+    assert_eq!(step.decision, "applied", "{step:?}");
+    step.result["create"].clone()
+}
+
+async fn our_indexes(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relkind = 'i' AND relname LIKE '%autotuner_idx' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+const PAYLOAD: &str = "SELECT id FROM orders WHERE payload = md5(($1::int8)::text)";
+
+/// The README's claim: index creation through the action happens at most once per
+/// `create_every` (per autotuner), and never by two autotuners at once (the advisory lock):
+/// two independent stages, each with its own data directory, on one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_creation_is_once_per_create_every_and_never_two_builds_at_once() {
+    let Some(env) = PgEnv::get() else { return };
+    let s = Scratch::new(&env, "create_once").await;
+    let su = s.orders().await;
+    s.reset_statements(&su).await;
+    // The tables' owner runs the workload and is what both autotuners connect as (it sees
+    // its own statements and may build).
+    let owner = pg_connect(&s.owner_url).await;
+    run(&owner, FILTER, 20, |i| i * 37).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = stage(&s.owner_url, dir_a.path());
+    let b = stage(&s.owner_url, dir_b.path());
+
+    let first = create_outcome(&a, 1).await;
+    assert_eq!(first["result"], "created", "{first:#}");
+    assert_eq!(our_indexes(&su).await, ["orders_customer_id_autotuner_idx"]);
+
+    // More advice within create_every: advised, not built.
+    run(&owner, PAYLOAD, 20, |i| i * 13).await;
+    let second = create_outcome(&a, 2).await;
+    assert_eq!(second["result"], "skipped", "{second:#}");
+    assert!(
+        second["reason"].as_str().unwrap().contains("one index per"),
+        "{second:#}"
+    );
+    assert_eq!(our_indexes(&su).await.len(), 1);
+
+    // Another autotuner is building (it holds the advisory lock): the second one builds
+    // nothing, though its own create_every allows it.
+    let other = pg_connect(&s.owner_url).await;
+    other
+        .query_one(
+            "SELECT pg_advisory_lock($1)",
+            &[&advisor::ADVISORY_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let blocked = create_outcome(&b, 1).await;
+    assert_eq!(blocked["result"], "skipped", "{blocked:#}");
+    assert!(
+        blocked["reason"]
+            .as_str()
+            .unwrap()
+            .contains("advisory lock"),
+        "{blocked:#}"
+    );
+    assert_eq!(our_indexes(&su).await.len(), 1);
+    // Once the other build is over, it builds.
+    other
+        .query_one(
+            "SELECT pg_advisory_unlock($1)",
+            &[&advisor::ADVISORY_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    run(&owner, PAYLOAD, 20, |i| i * 17).await;
+    let built = create_outcome(&b, 2).await;
+    assert_eq!(built["result"], "created", "{built:#}");
+    assert_eq!(our_indexes(&su).await.len(), 2);
+
+    // Two builders racing: the first waits for a lock on the table while it holds the
+    // advisory lock; the second, meanwhile, builds nothing; the first then finishes.
+    let blocker = pg_connect(&s.url).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut first_builder = pg_connect(&s.owner_url).await;
+    let first_pid: i32 = first_builder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let patient = CreateOptions {
+        lock_timeout: Duration::from_secs(120),
+        ..CreateOptions::default()
+    };
+    let status = IndexTarget {
+        schema: "public".into(),
+        table: "orders".into(),
+        columns: vec!["status".into()],
+    };
+    let racing =
+        tokio::spawn(
+            async move { advisor::create_index(&mut first_builder, &status, &patient).await },
+        );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: bool = su
+            .query_one(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+                &[&first_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first build never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut second_builder = pg_connect(&s.owner_url).await;
+    let created_at = IndexTarget {
+        schema: "public".into(),
+        table: "orders".into(),
+        columns: vec!["created_at".into()],
+    };
+    let second = advisor::create_index(&mut second_builder, &created_at, &CreateOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&second, Creation::Skipped { reason } if reason.contains("advisory lock")),
+        "{second:?}"
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let first = racing.await.unwrap().unwrap();
+    assert!(matches!(first, Creation::Created { .. }), "{first:?}");
+    assert_eq!(
+        our_indexes(&su).await,
+        [
+            "orders_customer_id_autotuner_idx",
+            "orders_payload_autotuner_idx",
+            "orders_status_autotuner_idx"
+        ]
+    );
 }

@@ -161,12 +161,16 @@ async fn retention_delete_on_an_inheritance_parent_keeps_its_childs_recent_rows(
     let parent = count(&db, &format!("SELECT count(*) FROM ONLY {table}")).await;
     let child_new = count(
         &db,
-        &format!("SELECT count(*) FROM {table}_child WHERE created_at > now() - interval '30 days'"),
+        &format!(
+            "SELECT count(*) FROM {table}_child WHERE created_at > now() - interval '30 days'"
+        ),
     )
     .await;
     let child_old = count(
         &db,
-        &format!("SELECT count(*) FROM {table}_child WHERE created_at < now() - interval '30 days'"),
+        &format!(
+            "SELECT count(*) FROM {table}_child WHERE created_at < now() - interval '30 days'"
+        ),
     )
     .await;
     db.batch_execute(&format!("DROP TABLE {table} CASCADE"))
@@ -212,7 +216,9 @@ fn running(pid: u32) -> bool {
 #[tokio::test]
 async fn exec_runs_an_allowed_program_with_its_templated_arguments() {
     let s = exec_services();
-    let e = exec_spec(r#"exec: {command: [/usr/bin/printf, "%s|%s|%s", "{{ $labels.cache }}", "v={{ $value }}", "--literal"]}"#);
+    let e = exec_spec(
+        r#"exec: {command: [/usr/bin/printf, "%s|%s|%s", "{{ $labels.cache }}", "v={{ $value }}", "--literal"]}"#,
+    );
     let out = exec::exec(&s, &e, &request(&[("cache", "sessions")], 0.5))
         .await
         .unwrap();
@@ -227,7 +233,9 @@ async fn exec_runs_an_allowed_program_with_its_templated_arguments() {
 #[tokio::test]
 async fn exec_a_non_zero_exit_fails_with_its_exit_code_and_stderr() {
     let s = exec_services();
-    let e = exec_spec(r#"exec: {command: [/bin/sh, -c, "echo partial; echo 'disk full' >&2; exit 3"]}"#);
+    let e = exec_spec(
+        r#"exec: {command: [/bin/sh, -c, "echo partial; echo 'disk full' >&2; exit 3"]}"#,
+    );
     let err = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap_err();
     assert!(err.contains("exit status: 3"), "{err}");
     assert!(err.contains("disk full"), "{err}");
@@ -246,9 +254,13 @@ async fn exec_passes_only_the_allowed_environment() {
         .unwrap()
         .to_owned();
     let s = exec_services();
-    let out = exec::exec(&s, &exec_spec("exec: {command: [/usr/bin/env]}"), &request(&[], 0.0))
-        .await
-        .unwrap();
+    let out = exec::exec(
+        &s,
+        &exec_spec("exec: {command: [/usr/bin/env]}"),
+        &request(&[], 0.0),
+    )
+    .await
+    .unwrap();
     let text = out.result["stdout"].as_str().unwrap();
     let names: Vec<&str> = text
         .lines()
@@ -285,7 +297,9 @@ async fn exec_refuses_a_value_that_would_become_an_option_unless_the_action_allo
         .unwrap();
     assert_eq!(out.result["stdout"], "orders\n");
     // Allowed by the action: echo reads the value as its option.
-    let e = exec_spec(r#"exec: {command: [/bin/echo, "{{ $labels.flag }}", x], allow_option_values: true}"#);
+    let e = exec_spec(
+        r#"exec: {command: [/bin/echo, "{{ $labels.flag }}", x], allow_option_values: true}"#,
+    );
     let out = exec::exec(&s, &e, &request(&[("flag", "-n")], 0.0))
         .await
         .unwrap();
@@ -316,16 +330,23 @@ async fn exec_at_its_timeout_kills_the_program_and_what_it_started() {
     let pids = dir.path().join("pids");
     // The shell starts a child of its own and waits: both must be gone after the timeout.
     let e = exec_spec(&format!(
-        r#"exec: {{command: [/bin/sh, -c, "sleep 300 & echo $$ $! > {}; wait"], timeout: 1s}}"#,
+        r#"exec: {{command: [/bin/sh, -c, "sleep 300 & echo $$ $! > {}; wait"], timeout: 3s}}"#,
         pids.display()
     ));
     let started = Instant::now();
     let err = exec::exec(&s, &e, &request(&[], 0.0)).await.unwrap_err();
     assert!(err.contains("killed"), "{err}");
     // A bound on behaviour, not speed: it ends, long before the program would.
-    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
     let text = std::fs::read_to_string(&pids).unwrap();
-    let pids: Vec<u32> = text.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = text
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(pids.len(), 2, "{text}");
     // The kill is immediate; reaping an orphan may take its new parent a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -351,9 +372,14 @@ async fn the_redis_action_runs_its_one_command_with_templates_on_the_real_server
     let command: Vec<String> = ["SET", &key, "{{ $labels.policy }}", "PX", "60000"]
         .map(String::from)
         .to_vec();
-    let out = exec::redis_command(&s, &command, None, &request(&[("policy", "allkeys-lru")], 0.0))
-        .await
-        .unwrap();
+    let out = exec::redis_command(
+        &s,
+        &command,
+        None,
+        &request(&[("policy", "allkeys-lru")], 0.0),
+    )
+    .await
+    .unwrap();
     assert_eq!(out.result["reply"], "ok", "{out:?}");
     let mut c = redis::Client::open(server.url())
         .unwrap()
@@ -382,8 +408,7 @@ async fn the_redis_action_runs_its_one_command_with_templates_on_the_real_server
 // pg_terminate_idle
 
 #[tokio::test]
-async fn pg_terminate_idle_spares_the_autotuners_own_connection_that_matches_every_other_filter()
-{
+async fn pg_terminate_idle_spares_the_autotuners_own_connection_that_matches_every_other_filter() {
     let Some(env) = PgEnv::get() else {
         return;
     };
@@ -455,6 +480,9 @@ async fn pg_terminate_idle_spares_the_autotuners_own_connection_that_matches_eve
     }
     assert_eq!(terminated, 2, "{out:?}");
     assert_eq!(apps, ["worker", "worker"], "{out:?}");
-    assert!(h1.is_finished() && h2.is_finished(), "the workers' connections stay open");
+    assert!(
+        h1.is_finished() && h2.is_finished(),
+        "the workers' connections stay open"
+    );
     assert!(ours_alive, "the autotuner's own connection was terminated");
 }

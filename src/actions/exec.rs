@@ -775,11 +775,8 @@ pub async fn exec(s: &Services, e: &Exec, req: &ActionRequest) -> Result<Outcome
     };
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let run = async {
-        let (out, err, status) = tokio::join!(
-            read_bounded(stdout),
-            read_bounded(stderr),
-            child.wait()
-        );
+        let (out, err, status) =
+            tokio::join!(read_bounded(stdout), read_bounded(stderr), child.wait());
         (out, err, status)
     };
     let Ok((out, err, status)) = tokio::time::timeout(timeout, run).await else {
@@ -861,7 +858,14 @@ mod tests {
         let e = exec_spec(&["/bin/echo", "{{ $labels.name }}"], false);
         assert!(exec_args(&e, &req).unwrap_err().contains("argument 1"));
         // The rule's own options stay options; values inside them stay values.
-        let e = exec_spec(&["/bin/echo", "--name={{ $labels.name }}", "{{ $labels.plain }}"], false);
+        let e = exec_spec(
+            &[
+                "/bin/echo",
+                "--name={{ $labels.name }}",
+                "{{ $labels.plain }}",
+            ],
+            false,
+        );
         assert_eq!(exec_args(&e, &req).unwrap(), ["--name=-rf", "cache"]);
         let e = exec_spec(&["/bin/echo", "{{ $labels.name }}"], true);
         assert_eq!(exec_args(&e, &req).unwrap(), ["-rf"]);
@@ -876,7 +880,13 @@ mod tests {
         for ok in ["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ"] {
             assert!(exec_env_allowed(ok), "{ok}");
         }
-        for no in ["DATABASE_URL", "REDIS_URL", "AUTOTUNER_TOKEN", "PGPASSWORD", "LD_PRELOAD"] {
+        for no in [
+            "DATABASE_URL",
+            "REDIS_URL",
+            "AUTOTUNER_TOKEN",
+            "PGPASSWORD",
+            "LD_PRELOAD",
+        ] {
             assert!(!exec_env_allowed(no), "{no}");
         }
     }

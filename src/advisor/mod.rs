@@ -11,7 +11,14 @@
 //! are proven, and the advice id. Uses `targets` (error text), `sample` and `registry` (the
 //! advice as metrics). Never `rules`, `actions` or `collect`: the actions stage calls this.
 //!
-//! Safety: advising never changes the schema. Every statement it sends carries the
+//! Safety: advising never changes the schema. Planning can run code: the planner evaluates
+//! immutable (and, to estimate, stable) functions with constant arguments, and those may be any
+//! user's. So a statement is planned as a role that ran it (`pg_stat_statements.userid`): as
+//! before when that is our role or a role holding every privilege ours has (a superuser); as
+//! another role under `SET LOCAL ROLE` and inside a `SECURITY DEFINER` function that role owns
+//! (created in `pg_temp`, rolled back), where PostgreSQL refuses `SET ROLE` and `RESET ROLE`,
+//! so its code cannot take our role back; and not at all when we may take none of its roles
+//! (`Verdict::NotPlanned`, with the reason). Every statement it sends carries the
 //! `/* autotuner */` mark, runs in a transaction with `SET LOCAL statement_timeout` and
 //! `lock_timeout`, and is parsed as a single command before it is explained. Hypothetical
 //! indexes live only in the backend's memory; they are reset when advising starts (a run cut
@@ -30,7 +37,8 @@ use serde_json::Value;
 use tokio_postgres::{Client, SimpleQueryMessage, Transaction};
 
 pub use create::{
-    AnalyzeReport, AnalyzedTable, CreateOptions, Creation, analyze_stale, create_index, index_name,
+    ADVISORY_LOCK_KEY, AnalyzeReport, AnalyzedTable, CreateOptions, Creation, analyze_stale,
+    create_index, index_name,
 };
 pub use store::{Recommendation, Recommendations, Status};
 
@@ -277,6 +285,14 @@ pub enum Verdict {
     BelowMinCost,
     /// It could not be planned: see `unexplainable`.
     Unexplainable,
+    /// Not planned: planning runs the statement's functions, and the autotuner may not act as
+    /// any role that ran it, so it would run another role's code with its own privileges.
+    NotPlanned {
+        /// The role that ran it (the one with the most time), or `oid N` when it is gone.
+        role: String,
+        /// Why, in words.
+        reason: String,
+    },
 }
 
 /// One hypothetical index tried for a statement.
@@ -380,6 +396,98 @@ struct Candidate {
     text: String,
     calls: f64,
     mean: f64,
+    /// The roles that ran it (`pg_stat_statements.userid`), most time first.
+    users: Vec<u32>,
+}
+
+/// As whom a statement is planned.
+#[derive(Debug, Clone, PartialEq)]
+enum PlanAs {
+    /// As our own role, as before: it ran it, or one that holds every privilege ours has (a
+    /// superuser, a member of ours), so its code gains nothing by running as us.
+    Own,
+    /// As this role (which ran it), which we may take.
+    Role(String),
+    /// Not at all: we may take none of the roles that ran it.
+    Refused {
+        /// The role named in the reason.
+        role: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A role that ran statements, as the catalog describes it to us.
+struct RoleInfo {
+    name: String,
+    /// Ours, or one holding every privilege of ours.
+    own: bool,
+    may_set: bool,
+}
+
+/// Reads who the roles `users` are, and whether our session may `SET ROLE` to each (from 16
+/// the membership's SET option, before that membership).
+async fn roles(
+    client: &Client,
+    users: &[u32],
+    version: i32,
+) -> Result<HashMap<u32, RoleInfo>, AdvisorError> {
+    let option = if version >= 160_000 { "SET" } else { "MEMBER" };
+    Ok(client
+        .query(
+            &format!(
+                "{MARK} SELECT r.oid, r.rolname::text, \
+                 r.rolname = session_user OR pg_has_role(r.oid, session_user, 'USAGE'), \
+                 pg_has_role(session_user, r.oid, '{option}') FROM pg_roles r WHERE r.oid = ANY($1)"
+            ),
+            &[&users],
+        )
+        .await
+        .map_err(pg("reading the roles that ran the slow statements"))?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, u32>(0),
+                RoleInfo {
+                    name: r.get(1),
+                    own: r.get(2),
+                    may_set: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// As whom to plan a statement run by `users` (most time first): ours if we ran it, else the
+/// first role we may take, else none.
+fn plan_as(users: &[u32], roles: &HashMap<u32, RoleInfo>) -> PlanAs {
+    if users.iter().any(|u| roles.get(u).is_some_and(|r| r.own)) {
+        return PlanAs::Own;
+    }
+    if let Some(r) = users
+        .iter()
+        .filter_map(|u| roles.get(u))
+        .find(|r| r.may_set)
+    {
+        return PlanAs::Role(r.name.clone());
+    }
+    let role = users.first().map_or_else(
+        || "unknown".to_owned(),
+        |u| {
+            roles
+                .get(u)
+                .map_or_else(|| format!("oid {u}"), |r| r.name.clone())
+        },
+    );
+    let reason = match users.first().and_then(|u| roles.get(u)) {
+        Some(_) => format!(
+            "statement of role {role} not planned: the autotuner cannot act as {role} \
+             (planning runs the statement's functions, which must not run with the autotuner's \
+             privileges; GRANT {role} TO the autotuner's role to have it planned)"
+        ),
+        None => format!("statement of role {role} not planned: the role no longer exists"),
+    };
+    PlanAs::Refused { role, reason }
 }
 
 /// Why a plan could not be had.
@@ -482,10 +590,23 @@ impl Advisor {
         report: &mut Report,
     ) -> Result<(), AdvisorError> {
         let candidates = self.slow_statements(client, opts, report).await?;
+        let mut all_users: Vec<u32> = candidates
+            .iter()
+            .flat_map(|c| c.users.iter().copied())
+            .collect();
+        all_users.sort_unstable();
+        all_users.dedup();
+        let roles = if candidates.is_empty() {
+            HashMap::new()
+        } else {
+            roles(client, &all_users, report.server_version_num).await?
+        };
         let mut advice: BTreeMap<String, Advice> = BTreeMap::new();
         let mut tables: HashMap<(String, String), Option<catalog::TableInfo>> = HashMap::new();
         for c in candidates {
-            let examined = examine_statement(client, opts, report, &c, &mut tables).await?;
+            let as_whom = plan_as(&c.users, &roles);
+            let examined =
+                examine_statement(client, opts, report, &c, &as_whom, &mut tables).await?;
             let (examined, found) = examined;
             if let Some((target, helped, size, verified)) = found {
                 let id = target.id();
@@ -530,7 +651,8 @@ impl Advisor {
         let rows = client
             .query(
                 &format!(
-                    "{MARK} SELECT queryid, sum(calls)::float8, (sum(total_exec_time) / 1000)::float8 \
+                    "{MARK} SELECT queryid, sum(calls)::float8, (sum(total_exec_time) / 1000)::float8, \
+                       array_agg(userid ORDER BY total_exec_time DESC) \
                      FROM pg_stat_statements(false) \
                      WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                        AND queryid IS NOT NULL GROUP BY queryid"
@@ -539,6 +661,16 @@ impl Advisor {
             )
             .await
             .map_err(pg("reading pg_stat_statements"))?;
+        let mut users: HashMap<i64, Vec<u32>> = HashMap::new();
+        for r in &rows {
+            let mut u: Vec<u32> = Vec::new();
+            for id in r.get::<_, Vec<u32>>(3) {
+                if !u.contains(&id) {
+                    u.push(id);
+                }
+            }
+            users.insert(r.get(0), u);
+        }
         let current: HashMap<i64, Totals> = rows
             .iter()
             .map(|r| {
@@ -606,6 +738,7 @@ impl Advisor {
                     text: texts.get(&q)?.clone(),
                     calls: d.calls,
                     mean: d.seconds / d.calls,
+                    users: users.remove(&q).unwrap_or_default(),
                 })
             })
             .collect())
@@ -624,6 +757,7 @@ async fn examine_statement(
     opts: &AdviseOptions,
     report: &mut Report,
     c: &Candidate,
+    as_whom: &PlanAs,
     tables: &mut HashMap<(String, String), Option<catalog::TableInfo>>,
 ) -> Result<Examination, AdvisorError> {
     let version = report.server_version_num;
@@ -636,7 +770,18 @@ async fn examine_statement(
         verdict: Verdict::NoCandidate,
         trials: Vec::new(),
     };
-    let plan = match generic_plan(client, &c.text, version, opts, None).await {
+    let role = match as_whom {
+        PlanAs::Own => None,
+        PlanAs::Role(r) => Some(r.as_str()),
+        PlanAs::Refused { role, reason } => {
+            examined.verdict = Verdict::NotPlanned {
+                role: role.clone(),
+                reason: reason.clone(),
+            };
+            return Ok((examined, None));
+        }
+    };
+    let plan = match generic_plan(client, &c.text, version, opts, None, role).await {
         Ok((plan, _)) => plan,
         Err(PlanFailure::Connection(e)) => return Err(pg("planning a statement")(e)),
         Err(PlanFailure::Statement { reason, sqlstate }) => {
@@ -722,7 +867,7 @@ async fn examine_statement(
             used: false,
             error: None,
         };
-        match generic_plan(client, &c.text, version, opts, Some(&target)).await {
+        match generic_plan(client, &c.text, version, opts, Some(&target), role).await {
             Ok((plan, hypo)) => {
                 trial.after_cost = plan::total_cost(&plan);
                 if let Some((name, size)) = hypo {
@@ -816,18 +961,33 @@ async fn set_local_timeouts(
     .await
 }
 
+/// The function another role's statement is planned in: `SECURITY DEFINER` and owned by that
+/// role, so PostgreSQL refuses any `SET ROLE` or `RESET ROLE` the planned code attempts (it
+/// would otherwise return to our role, a session-level escape from `SET LOCAL ROLE`). It runs
+/// `q`, returning its rows as text when `rows`.
+const PLAN_FUNCTION: &str = "CREATE FUNCTION pg_temp.autotuner_plan(q text, rows bool) \
+     RETURNS SETOF text LANGUAGE plpgsql SECURITY DEFINER AS $autotuner$ \
+     DECLARE line text; \
+     BEGIN \
+       IF NOT rows THEN EXECUTE q; RETURN; END IF; \
+       FOR line IN EXECUTE q LOOP RETURN NEXT line; END LOOP; \
+     END $autotuner$";
+
 /// The generic plan of `text`, optionally with the hypothetical index `hypo` (then also its
-/// HypoPG name and estimated size), in a transaction that is rolled back.
+/// HypoPG name and estimated size), in a transaction that is rolled back; as `role` when given
+/// (see `PLAN_FUNCTION`), otherwise as our own role.
 async fn generic_plan(
     client: &mut Client,
     text: &str,
     version: i32,
     opts: &AdviseOptions,
     hypo: Option<&IndexTarget>,
+    role: Option<&str>,
 ) -> Result<(Value, Option<(String, i64)>), PlanFailure> {
     let result = async {
         let tx = client.transaction().await?;
         set_local_timeouts(&tx, opts.statement_timeout, opts.lock_timeout).await?;
+        // The hypothetical index is ours (HypoPG's state is the backend's, whoever plans).
         let index = match hypo {
             Some(t) => {
                 let row = tx
@@ -838,17 +998,39 @@ async fn generic_plan(
                         &[&t.definition()],
                     )
                     .await?;
-                Some((row.get::<_, u32>(0), row.get::<_, String>(1)))
+                let oid = row.get::<_, u32>(0);
+                let size: i64 = tx
+                    .query_one(&format!("{MARK} SELECT hypopg_relation_size($1)"), &[&oid])
+                    .await?
+                    .get(0);
+                Some((oid, row.get::<_, String>(1), size))
             }
             None => None,
         };
-        let plan = plan_in(&tx, text, version).await?;
+        if let Some(role) = role {
+            let as_role = async {
+                tx.batch_execute(&format!("{MARK} SET LOCAL ROLE {}", quote_ident(role)))
+                    .await?;
+                tx.batch_execute(&format!("{MARK} {PLAN_FUNCTION}")).await
+            };
+            if let Err(e) = as_role.await {
+                return Err(match PlanFailure::from(e) {
+                    PlanFailure::Statement { reason, sqlstate } => PlanFailure::Statement {
+                        reason: format!(
+                            "statement of role {role} not planned: planning as {role} failed: {reason}"
+                        ),
+                        sqlstate,
+                    },
+                    other => other,
+                });
+            }
+        }
+        let plan = plan_in(&tx, text, version, role.is_some()).await?;
+        if role.is_some() {
+            tx.batch_execute(&format!("{MARK} RESET ROLE")).await?;
+        }
         let mut named = None;
-        if let Some((oid, name)) = index {
-            let size: i64 = tx
-                .query_one(&format!("{MARK} SELECT hypopg_relation_size($1)"), &[&oid])
-                .await?
-                .get(0);
+        if let Some((oid, name, size)) = index {
             tx.query(&format!("{MARK} SELECT hypopg_drop_index($1)"), &[&oid])
                 .await?;
             named = Some((name, size));
@@ -871,16 +1053,51 @@ async fn generic_plan(
     result
 }
 
-/// The plan, as JSON, inside `tx`.
-async fn plan_in(tx: &Transaction<'_>, text: &str, version: i32) -> Result<Value, PlanFailure> {
+/// Runs `sql` inside `tx`, directly or (`wrapped`) through `PLAN_FUNCTION`; the text of its
+/// rows when `rows`.
+async fn run_in(
+    tx: &Transaction<'_>,
+    sql: &str,
+    rows: bool,
+    wrapped: bool,
+) -> Result<String, tokio_postgres::Error> {
+    if !wrapped {
+        if rows {
+            return single_text(tx, sql).await;
+        }
+        tx.batch_execute(sql).await?;
+        return Ok(String::new());
+    }
+    let mut out = String::new();
+    for r in tx
+        .query(
+            &format!("{MARK} SELECT line FROM pg_temp.autotuner_plan($1, $2) AS p(line)"),
+            &[&sql, &rows],
+        )
+        .await?
+    {
+        out.push_str(r.get::<_, Option<&str>>(0).unwrap_or(""));
+    }
+    Ok(out)
+}
+
+/// The plan, as JSON, inside `tx`; planned inside `PLAN_FUNCTION` when `wrapped`.
+async fn plan_in(
+    tx: &Transaction<'_>,
+    text: &str,
+    version: i32,
+    wrapped: bool,
+) -> Result<Value, PlanFailure> {
     // Parsed (not run) through the extended protocol first, which refuses more than one
     // command: the text can then be embedded in EXPLAIN or PREPARE with nothing after it
     // able to run. The parse also says how many parameters it has.
     let params = tx.prepare(text).await?.params().len();
     let json = if version >= GENERIC_PLAN_VERSION {
-        single_text(
+        run_in(
             tx,
             &format!("{MARK} EXPLAIN (GENERIC_PLAN, VERBOSE, FORMAT JSON) {text}"),
+            true,
+            wrapped,
         )
         .await?
     } else {
@@ -891,16 +1108,23 @@ async fn plan_in(tx: &Transaction<'_>, text: &str, version: i32) -> Result<Value
             "{MARK} SET LOCAL plan_cache_mode = force_generic_plan"
         ))
         .await?;
-        tx.batch_execute(&format!("{MARK} PREPARE {PLAN_NAME} AS {text}"))
-            .await?;
+        run_in(
+            tx,
+            &format!("{MARK} PREPARE {PLAN_NAME} AS {text}"),
+            false,
+            wrapped,
+        )
+        .await?;
         let call = if params == 0 {
             PLAN_NAME.to_owned()
         } else {
             format!("{PLAN_NAME}({})", vec!["NULL"; params].join(", "))
         };
-        let json = single_text(
+        let json = run_in(
             tx,
             &format!("{MARK} EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {call}"),
+            true,
+            wrapped,
         )
         .await?;
         tx.batch_execute(&format!("{MARK} DEALLOCATE {PLAN_NAME}"))

@@ -124,7 +124,12 @@ impl Recommendations {
         let examined: BTreeSet<i64> = report
             .examined
             .iter()
-            .filter(|e| !matches!(e.verdict, Verdict::Unexplainable))
+            .filter(|e| {
+                !matches!(
+                    e.verdict,
+                    Verdict::Unexplainable | Verdict::NotPlanned { .. }
+                )
+            })
             .map(|e| e.queryid)
             .collect();
         map.retain(|(t, id), r| {
