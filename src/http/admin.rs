@@ -276,7 +276,14 @@ async fn set_mode(
         return error(StatusCode::NOT_FOUND, "no rule engine");
     };
     if let Err(e) = engine.set_mode(&name, body.mode).await {
-        return error(StatusCode::NOT_FOUND, e);
+        // An unknown rule is the caller's mistake; an override that cannot be kept (modes.json
+        // unreadable, or the write failed) is ours, and must not read as "no such rule".
+        let status = if e.starts_with("no rule named") {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return error(status, e);
     }
     audit_api(
         &state,

@@ -646,7 +646,10 @@ mod tests {
             ))
             .unwrap_err();
             assert!(err.starts_with("3:"), "{bad}: {err}");
-            assert!(err.contains("exactly 64 hexadecimal digits"), "{bad}: {err}");
+            assert!(
+                err.contains("exactly 64 hexadecimal digits"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -689,7 +692,11 @@ mod tests {
     fn a_deleted_tokens_file_revokes_its_tokens() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens.yml");
-        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
         let a = Auth::new(None, Some(O.into()), Some(&p)).unwrap();
         assert!(a.check(Some(R), None, Role::Read).is_ok());
         std::fs::remove_file(&p).unwrap();
@@ -700,7 +707,11 @@ mod tests {
         // The environment's tokens are unaffected.
         assert!(a.check(Some(O), None, Role::Operate).is_ok());
         // Back, it counts again.
-        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
         std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
         assert!(a.check(Some(R), None, Role::Read).is_ok());
     }

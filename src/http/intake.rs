@@ -294,7 +294,11 @@ impl AlertIntake {
             (stamp, serde_json::to_vec(&saved))
         };
         let written = match bytes {
-            Ok(b) => file.write(stamp, b).await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(b) => file
+                .write(stamp, b)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(err) = written {

@@ -486,7 +486,9 @@ impl Shared {
         tracing::debug!(file = %self.path.display(), "web configuration changed; re-reading it");
         match load(&self.path) {
             Ok(l) if l.tls.is_some() != self.tls_at_start => {
-                let err = "turning TLS on or off needs a restart; keeping the previous web configuration".to_owned();
+                let err =
+                    "turning TLS on or off needs a restart; keeping the previous web configuration"
+                        .to_owned();
                 if disk.error.as_deref() != Some(err.as_str()) {
                     tracing::error!(file = %self.path.display(), "{err}");
                 }
