@@ -198,9 +198,8 @@ impl AlertIntake {
                 a.fingerprint.clone()
             };
             let key = (fp.clone(), a.status.clone(), a.starts_at.clone());
-            if st.seen.contains_key(&key) {
+            if st.seen.insert(key, now_ms).is_some() {
                 out.duplicates += 1;
-                st.seen.insert(key, now_ms);
                 if a.status == "firing"
                     && let Some(f) = st.firing.get_mut(&fp)
                 {
@@ -209,7 +208,6 @@ impl AlertIntake {
                 }
                 continue;
             }
-            st.seen.insert(key, now_ms);
             match a.status.as_str() {
                 "firing" => {
                     out.firing += 1;
@@ -294,7 +292,11 @@ impl AlertIntake {
             (stamp, serde_json::to_vec(&saved))
         };
         let written = match bytes {
-            Ok(b) => file.write(stamp, b).await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(b) => file
+                .write(stamp, b)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(err) = written {
