@@ -19,7 +19,7 @@
 //! are kept in `alerts.json` in the data directory, so a restart does not lose sight of them
 //! either.
 //!
-//! Uses `registry`, `sample` and `statefile`.
+//! Uses `registry`, `sample`, `statefile` and `shutdown`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
