@@ -163,6 +163,8 @@ pub struct Page {
     pub truncated: bool,
     /// Bytes of the log read.
     pub scanned_bytes: u64,
+    /// Matching records skipped for `offset` (fewer than it when the read stopped first).
+    pub skipped: usize,
 }
 
 /// The audit log.
@@ -201,10 +203,13 @@ const BLOCK: usize = 64 * 1024;
 const INTENT_MARK: &[u8] = br#""phase":"intent""#;
 
 #[cfg(test)]
+type RepairHook = Box<dyn Fn(&Audit)>;
+
+#[cfg(test)]
 thread_local! {
     /// Called at the start of a repair (tests check what it holds then).
-    static REPAIR_HOOK: std::cell::RefCell<Option<Box<dyn Fn(&Audit)>>> =
-        std::cell::RefCell::new(None);
+    static REPAIR_HOOK: std::cell::RefCell<Option<RepairHook>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl Audit {
@@ -460,7 +465,6 @@ impl Audit {
             first_end = Some(c.offset.min(files[i].2));
         }
         let mut page = Page::default();
-        let mut skipped = 0;
         let mut block = vec![0u8; BLOCK];
         for (i, (mut f, ino, len, path)) in files.into_iter().enumerate().skip(first) {
             let io = |source| AuditError::Io {
@@ -518,18 +522,20 @@ impl Audit {
                     }
                 }
                 for (at, l) in lines.into_iter().rev() {
-                    progressed = true;
+                    // Only a whole line taken is progress: a cursor must never point where
+                    // the read began, or a line longer than the bound would never be passed.
                     if l.is_empty() {
                         continue;
                     }
+                    progressed = true;
                     let Ok(r) = serde_json::from_slice::<Record>(&l) else {
                         continue;
                     };
                     if !keep(&r) {
                         continue;
                     }
-                    if skipped < offset {
-                        skipped += 1;
+                    if page.skipped < offset {
+                        page.skipped += 1;
                         continue;
                     }
                     page.records.push(r);
@@ -871,5 +877,26 @@ mod tests {
             audit.recent(20).iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
             want
         );
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_read_whole_and_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, _) = Audit::open(dir.path(), 1 << 24, 3);
+        for i in 0..3 {
+            let mut r = record("result", "k", i);
+            r.error = Some("y".repeat(300_000));
+            audit.append(&r).unwrap();
+        }
+        let (mut seen, mut from) = (Vec::new(), None);
+        for _ in 0..10 {
+            let page = audit.query(|_| true, from, 0, 100, 1024).unwrap();
+            seen.extend(page.records.iter().map(|r| r.ts_ms));
+            match page.next {
+                Some(c) => from = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, vec![2, 1, 0]);
     }
 }

@@ -446,6 +446,9 @@ async fn audit(
                 "next_offset": (full && from.is_none()).then_some(offset + limit),
                 "next_cursor": page.next.map(|c| c.encode()),
                 "truncated": page.truncated,
+                // With `offset`, a read the byte bound stopped may not have skipped them all:
+                // go on from `next_cursor` with the rest.
+                "skipped": page.skipped,
                 "scanned_bytes": page.scanned_bytes,
                 "max_scan_bytes": AUDIT_SCAN_BYTES,
             }))
@@ -627,8 +630,11 @@ async fn webhook(
         );
     }
     let got = admin.intake.receive(payload, crate::collect::now_ms());
-    if got.firing + got.resolved > 0 {
+    // A redelivery too: it renews the alert's day of grace, which must survive a restart.
+    if got.firing + got.resolved + got.duplicates > 0 {
         admin.intake.persist().await;
+    }
+    if got.firing + got.resolved > 0 {
         audit_api(
             &state,
             &caller,

@@ -19,7 +19,7 @@
 //! are kept in `alerts.json` in the data directory, so a restart does not lose sight of them
 //! either.
 //!
-//! Uses `registry`, `sample` and `statefile`.
+//! Uses `registry`, `sample`, `statefile` and `shutdown`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -198,9 +198,8 @@ impl AlertIntake {
                 a.fingerprint.clone()
             };
             let key = (fp.clone(), a.status.clone(), a.starts_at.clone());
-            if st.seen.contains_key(&key) {
+            if st.seen.insert(key, now_ms).is_some() {
                 out.duplicates += 1;
-                st.seen.insert(key, now_ms);
                 if a.status == "firing"
                     && let Some(f) = st.firing.get_mut(&fp)
                 {
@@ -209,7 +208,6 @@ impl AlertIntake {
                 }
                 continue;
             }
-            st.seen.insert(key, now_ms);
             match a.status.as_str() {
                 "firing" => {
                     out.firing += 1;
