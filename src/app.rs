@@ -114,6 +114,44 @@ fn action_services(settings: &Settings) -> anyhow::Result<Services> {
     Ok(services)
 }
 
+/// How often the actions stage is told which rules exist (a deleted or renamed rule's
+/// Alertmanager alerts are then resolved).
+const RULE_NAMES_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the actions stage the current rule names: once at start (alerts restored from before a
+/// restart whose rule is gone are resolved) and whenever they change. The engine's status is
+/// read on the blocking pool (it waits for a rule tick).
+async fn tell_rules(
+    engine: Arc<Engine>,
+    actions: Actions,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    let mut tick = tokio::time::interval(RULE_NAMES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<std::collections::HashSet<String>> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let e = engine.clone();
+        let Ok(names) = tokio::task::spawn_blocking(move || {
+            e.status()
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<std::collections::HashSet<String>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        if last.as_ref() != Some(&names) {
+            actions.rules_changed(&names).await;
+            last = Some(names);
+        }
+    }
+}
+
 /// Runs the exporter until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -255,6 +293,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(
         actions.clone().run(request_rx, shutdown.clone()),
     ));
+    tasks.push(tokio::spawn(tell_rules(
+        engine.clone(),
+        actions.clone(),
+        shutdown.clone(),
+    )));
 
     let router = http::router(AppState {
         registry: registry.clone(),
