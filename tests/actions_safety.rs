@@ -1183,3 +1183,95 @@ async fn alertmanager_alerts_survive_a_restart_and_resolve_when_their_rule_is_de
         "{resolved:#?}"
     );
 }
+
+// Issue 16 #8: a resolution the engine dropped on a full request channel used to leave the
+// alert firing forever (resent every interval). Told which instances fire now, the stage
+// resolves a registered alert whose instance is not among them, and keeps one that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_resolution_was_lost_is_resolved_when_its_instance_is_not_firing() {
+    use autotuner::actions::exec::Services;
+    use autotuner::actions::runner::Actions;
+    use autotuner::actions::{ActionRequest, Event, Mode};
+    use autotuner::registry::Registry;
+    use autotuner::settings::config::{ActionsConfig, GlobalMode};
+    use std::collections::{BTreeMap, HashSet};
+
+    let Some(am) = Alertmanager::start().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let actions = Actions::new(
+        ActionsConfig {
+            mode: GlobalMode::Enforce,
+            timeout: Duration::from_secs(20),
+            global_limit: None,
+            target_limit: None,
+            kind_limits: BTreeMap::new(),
+            breaker_max_actions: 100,
+            breaker_window: Duration::from_secs(3600),
+            exec_allow: vec![],
+            audit_max_bytes: 1 << 24,
+            audit_keep: 2,
+            alert_resend: Duration::from_secs(60),
+        },
+        &[],
+        Services {
+            http: reqwest::Client::new(),
+            ..Services::default()
+        },
+        Some(data.path()),
+        None,
+        &Registry::new(Duration::from_secs(600)).unwrap(),
+    )
+    .unwrap();
+    let (lost, kept) = (unique("LostResolution"), unique("StillFiring"));
+    for rule in [&lost, &kept] {
+        let out = actions
+            .handle(ActionRequest {
+                rule: rule.clone(),
+                labels: autotuner::sample::Labels::new([("instance", "db1")]),
+                value: 1.0,
+                event: Event::Firing,
+                episode_ms: 1_000,
+                mode: Some(Mode::Enforce),
+                cooldown: Duration::ZERO,
+                allow_destructive: false,
+                actions: vec![
+                    serde_yaml::from_str(&format!("alertmanager: {{url: '{}'}}", am.base)).unwrap(),
+                ],
+                verify: None,
+                annotations: BTreeMap::new(),
+                rule_version: "v1".into(),
+                at_ms: 1_000,
+                actor: "engine".into(),
+            })
+            .await;
+        assert_eq!(out[0].decision, "applied", "{out:#?}");
+        am.wait_active(rule, true, Duration::from_secs(30)).await;
+    }
+    let seen = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1;
+    let firing: HashSet<(String, BTreeMap<String, String>)> = HashSet::from([(
+        kept.clone(),
+        BTreeMap::from([("instance".to_owned(), "db1".to_owned())]),
+    )]);
+    actions.firing_now(seen, &firing).await;
+    am.wait_active(&lost, false, Duration::from_secs(30)).await;
+    assert!(!am.active(&kept).await.is_empty(), "a firing one stays");
+    // Only alerts registered before the engine looked: one registered since is kept.
+    actions.firing_now(0, &HashSet::new()).await;
+    assert!(!am.active(&kept).await.is_empty());
+    // alerts.json follows (written off the async workers).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let book = std::fs::read_to_string(data.path().join("alerts.json")).unwrap();
+        if book.contains(&kept) && !book.contains(&lost) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{book}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

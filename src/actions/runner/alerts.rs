@@ -5,8 +5,10 @@
 //! dead autotuner's alerts expire by themselves), also after a restart, and resolves them
 //! (`endsAt` now, recorded in the audit log) when the rule resolves or when the rule itself is
 //! gone (deleted or edited away: the wiring tells the stage the current rule names through
-//! [`Actions::rules_changed`]). A playbook's alert has no rule to keep it firing: it is sent
-//! once and expires.
+//! [`Actions::rules_changed`]), or when its instance is no longer firing although no resolution
+//! arrived (one dropped on a full request channel: the wiring also reports the firing instances
+//! through [`Actions::firing_now`]). A playbook's alert has no rule to keep it firing: it is
+//! sent once and expires.
 //!
 //! Uses the stage (`super`), the executors' HTTP helper, the audit types and `statefile`.
 
@@ -36,6 +38,12 @@ pub(super) struct SentAlert {
     pub(super) url: String,
     /// The alert as posted (`endsAt` is renewed on every send).
     pub(super) alert: Value,
+    /// The instance's labels.
+    #[serde(default)]
+    pub(super) labels: BTreeMap<String, String>,
+    /// When it was registered (ms).
+    #[serde(default)]
+    pub(super) registered_ms: i64,
 }
 
 impl SentAlert {
@@ -123,6 +131,8 @@ impl Actions {
             episode_ms: req.episode_ms,
             url: url.clone(),
             alert: body.clone(),
+            labels: labels_of(req),
+            registered_ms: now_ms(),
         };
         let key = sent.key();
         let tracked = req.actor == "engine";
@@ -214,6 +224,34 @@ impl Actions {
             ..Record::default()
         };
         self.resolve_alerts(gone, &base, "rule_removed").await;
+    }
+
+    /// The rule instances firing now, as the engine saw them at or after `seen_ms`: an alert
+    /// registered before then whose instance is not among them lost its resolution (a request
+    /// the engine dropped on a full channel) and is resolved now.
+    pub async fn firing_now(
+        &self,
+        seen_ms: i64,
+        firing: &HashSet<(String, BTreeMap<String, String>)>,
+    ) {
+        let gone = self.take_alerts(|a| {
+            a.registered_ms < seen_ms && !firing.contains(&(a.rule.clone(), a.labels.clone()))
+        });
+        if gone.is_empty() {
+            return;
+        }
+        for a in &gone {
+            tracing::warn!(rule = %a.rule, instance = %a.instance, "an alert's rule instance is no longer firing but its resolution never arrived: resolved now");
+        }
+        let now = now_ms();
+        let base = Record {
+            time: rfc3339(now),
+            ts_ms: now,
+            actor: "engine".into(),
+            event: Some("resolved".into()),
+            ..Record::default()
+        };
+        self.resolve_alerts(gone, &base, "not_firing").await;
     }
 
     fn take_alerts(&self, which: impl Fn(&SentAlert) -> bool) -> Vec<SentAlert> {
