@@ -114,6 +114,55 @@ fn action_services(settings: &Settings) -> anyhow::Result<Services> {
     Ok(services)
 }
 
+/// How often the actions stage is told which rules exist (a deleted or renamed rule's
+/// Alertmanager alerts are then resolved).
+const RULE_NAMES_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the actions stage the current rule names (once at start, so that alerts restored from
+/// before a restart whose rule is gone are resolved, and whenever they change) and the firing
+/// instances (so that an alert whose resolution was lost is resolved). The engine's status is
+/// read on the blocking pool (it waits for a rule tick).
+async fn tell_rules(
+    engine: Arc<Engine>,
+    actions: Actions,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    type Firing = std::collections::HashSet<(String, std::collections::BTreeMap<String, String>)>;
+    let mut tick = tokio::time::interval(RULE_NAMES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<std::collections::HashSet<String>> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let e = engine.clone();
+        let seen_ms = collect::now_ms();
+        let Ok((names, firing)) = tokio::task::spawn_blocking(move || {
+            let mut names = std::collections::HashSet::new();
+            let mut firing = Firing::new();
+            for r in e.status() {
+                for i in r.instances {
+                    if matches!(i.state, rules::state::State::Firing { .. }) {
+                        firing.insert((r.name.clone(), i.labels));
+                    }
+                }
+                names.insert(r.name);
+            }
+            (names, firing)
+        })
+        .await
+        else {
+            continue;
+        };
+        if last.as_ref() != Some(&names) {
+            actions.rules_changed(&names).await;
+            last = Some(names);
+        }
+        actions.firing_now(seen_ms, &firing).await;
+    }
+}
+
 /// Runs the exporter until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -276,6 +325,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(
         actions.clone().run(request_rx, shutdown.clone()),
     ));
+    tasks.push(tokio::spawn(tell_rules(
+        engine.clone(),
+        actions.clone(),
+        shutdown.clone(),
+    )));
 
     let router = http::router(AppState {
         registry: registry.clone(),

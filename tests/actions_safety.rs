@@ -1024,3 +1024,254 @@ async fn an_index_build_outlasting_the_action_timeout_is_tracked_to_its_end() {
     assert_eq!(index_count().await, 1);
     drop(su);
 }
+
+/// A real Alertmanager on a free port, killed when dropped.
+struct Alertmanager {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Alertmanager {
+    async fn start() -> Option<Alertmanager> {
+        let bin = common::require("prometheus-alertmanager")?;
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("alertmanager.yml");
+        std::fs::write(
+            &config_path,
+            "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
+        )
+        .unwrap();
+        let port = common::free_port();
+        let child = std::process::Command::new(bin)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.path={}", dir.path().display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let am = Alertmanager {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(format!("{}/-/ready", am.base))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .ok()
+            != Some(true)
+        {
+            assert!(Instant::now() < deadline, "alertmanager did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(am)
+    }
+
+    /// The active (not resolved, not expired) alerts named `name`.
+    async fn active(&self, name: &str) -> Vec<Value> {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/api/v2/alerts?filter=alertname%3D%22{name}%22",
+                self.base
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json::<Vec<Value>>()
+            .await
+            .unwrap()
+    }
+
+    async fn wait_active(&self, name: &str, want: bool, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.active(name).await.is_empty() == want {
+            assert!(
+                Instant::now() < deadline,
+                "alert {name} never became {}",
+                if want { "active" } else { "resolved" }
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+// Issue 16 #8: alerts used to live in memory only, registered after their POST: after a
+// restart a firing rule's alert expired in Alertmanager, and a deleted rule's alert was never
+// resolved. Fire; restart (the alert stays active, resent, well past its four-resend
+// validity); delete the rule file (the alert resolves in Alertmanager, recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alertmanager_alerts_survive_a_restart_and_resolve_when_their_rule_is_deleted() {
+    let Some(am) = Alertmanager::start().await else {
+        return;
+    };
+    let rule = unique("AmEpisode");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("r.yml"),
+        always(
+            &rule,
+            "enforce",
+            &format!("          - alertmanager: {{url: '{}'}}\n", am.base),
+        ),
+    )
+    .unwrap();
+    let config = common::write_config(
+        &dir,
+        "collectors:\n  host: {interval: 1s}\nactions:\n  mode: enforce\n  alert_resend: 1s\n",
+    );
+    let args = [
+        format!("--config.file={config}"),
+        format!("--rules.dir={}", rules.display()),
+        format!("--data.dir={}", data.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envs = [("AUTOTUNER_OPERATE_TOKEN", OPERATE)];
+
+    let mut app = Autotuner::start(&args, &envs).await_ready().await;
+    am.wait_active(&rule, true, Duration::from_secs(60)).await;
+    let registered = std::fs::read_to_string(data.join("alerts.json")).unwrap();
+    assert!(registered.contains(&rule), "{registered}");
+    app.terminate(Duration::from_secs(10));
+
+    // Restarted: the rule is still firing (its state survives), so nothing fires anew; the
+    // alert is resent from alerts.json. Validity is four resends (4 s): wait three times that.
+    let app = Autotuner::start(&args, &envs).await_ready().await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !am.active(&rule).await.is_empty(),
+        "the alert expired after the restart; log: {:#?}",
+        app.log.lock().unwrap()
+    );
+
+    // The rule file deleted: the alert resolves in Alertmanager.
+    std::fs::remove_file(rules.join("r.yml")).unwrap();
+    let _ = reqwest::Client::new()
+        .post(app.url("/-/reload"))
+        .bearer_auth(OPERATE)
+        .send()
+        .await;
+    am.wait_active(&rule, false, Duration::from_secs(30)).await;
+    // Resolved for good: not resent afterwards.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(am.active(&rule).await.is_empty());
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    let resolved: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["rule"] == rule.as_str() && r["phase"] == "resolved")
+        .collect();
+    assert_eq!(resolved.len(), 1, "{resolved:#?}");
+    assert_eq!(resolved[0]["decision"], "applied", "{resolved:#?}");
+    assert_eq!(
+        resolved[0]["result"]["why"], "rule_removed",
+        "{resolved:#?}"
+    );
+}
+
+// Issue 16 #8: a resolution the engine dropped on a full request channel used to leave the
+// alert firing forever (resent every interval). Told which instances fire now, the stage
+// resolves a registered alert whose instance is not among them, and keeps one that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_whose_resolution_was_lost_is_resolved_when_its_instance_is_not_firing() {
+    use autotuner::actions::exec::Services;
+    use autotuner::actions::runner::Actions;
+    use autotuner::actions::{ActionRequest, Event, Mode};
+    use autotuner::registry::Registry;
+    use autotuner::settings::config::{ActionsConfig, GlobalMode};
+    use std::collections::{BTreeMap, HashSet};
+
+    let Some(am) = Alertmanager::start().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let actions = Actions::new(
+        ActionsConfig {
+            mode: GlobalMode::Enforce,
+            timeout: Duration::from_secs(20),
+            global_limit: None,
+            target_limit: None,
+            kind_limits: BTreeMap::new(),
+            breaker_max_actions: 100,
+            breaker_window: Duration::from_secs(3600),
+            exec_allow: vec![],
+            audit_max_bytes: 1 << 24,
+            audit_keep: 2,
+            alert_resend: Duration::from_secs(60),
+        },
+        &[],
+        Services {
+            http: reqwest::Client::new(),
+            ..Services::default()
+        },
+        Some(data.path()),
+        None,
+        &Registry::new(Duration::from_secs(600)).unwrap(),
+    )
+    .unwrap();
+    let (lost, kept) = (unique("LostResolution"), unique("StillFiring"));
+    for rule in [&lost, &kept] {
+        let out = actions
+            .handle(ActionRequest {
+                rule: rule.clone(),
+                labels: autotuner::sample::Labels::new([("instance", "db1")]),
+                value: 1.0,
+                event: Event::Firing,
+                episode_ms: 1_000,
+                mode: Some(Mode::Enforce),
+                cooldown: Duration::ZERO,
+                allow_destructive: false,
+                actions: vec![
+                    serde_yaml::from_str(&format!("alertmanager: {{url: '{}'}}", am.base)).unwrap(),
+                ],
+                verify: None,
+                annotations: BTreeMap::new(),
+                rule_version: "v1".into(),
+                at_ms: 1_000,
+                actor: "engine".into(),
+            })
+            .await;
+        assert_eq!(out[0].decision, "applied", "{out:#?}");
+        am.wait_active(rule, true, Duration::from_secs(30)).await;
+    }
+    let seen = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1;
+    let firing: HashSet<(String, BTreeMap<String, String>)> = HashSet::from([(
+        kept.clone(),
+        BTreeMap::from([("instance".to_owned(), "db1".to_owned())]),
+    )]);
+    actions.firing_now(seen, &firing).await;
+    am.wait_active(&lost, false, Duration::from_secs(30)).await;
+    assert!(!am.active(&kept).await.is_empty(), "a firing one stays");
+    // Only alerts registered before the engine looked: one registered since is kept.
+    actions.firing_now(0, &HashSet::new()).await;
+    assert!(!am.active(&kept).await.is_empty());
+    // alerts.json follows (written off the async workers).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let book = std::fs::read_to_string(data.path().join("alerts.json")).unwrap();
+        if book.contains(&kept) && !book.contains(&lost) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{book}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -444,7 +444,7 @@ async fn alerts_held_before_a_restart_are_published_at_start() {
     std::fs::create_dir(&data).unwrap();
     // What the receiver wrote before the restart: one alert firing, delivered an hour ago.
     std::fs::write(
-        data.join("alerts.json"),
+        data.join("received_alerts.json"),
         serde_json::to_vec(&json!({"firing": {"6b5f9d1a2c3e4f50": {
             "labels": {"alertname": "HeldOver", "service": "api"},
             "starts_at": rfc3339(now_ms() - 7_200_000),

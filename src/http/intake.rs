@@ -16,7 +16,7 @@
 //!
 //! An alert's episode is its (fingerprint, startsAt): Alertmanager delivers at least once, and a
 //! delivery of an episode already held changes nothing (counted as a duplicate). The held alerts
-//! are kept in `alerts.json` in the data directory, so a restart does not lose sight of them
+//! are kept in `received_alerts.json` in the data directory, so a restart does not lose sight of them
 //! either.
 //!
 //! Uses `registry`, `sample`, `statefile` and `shutdown`.
@@ -39,7 +39,7 @@ pub const COLLECTOR: &str = "alertmanager_webhook";
 pub const REFRESH: Duration = Duration::from_secs(15);
 
 /// The held alerts' file in the data directory.
-pub const STATE_FILE: &str = "alerts.json";
+pub const STATE_FILE: &str = "received_alerts.json";
 
 /// How long deliveries and firing alerts are remembered.
 const MEMORY_MS: i64 = 24 * 3600 * 1000;

@@ -163,13 +163,6 @@ struct Gates {
     rehearsal: Gate,
 }
 
-/// An alert sent to an Alertmanager, resent while its rule fires.
-#[derive(Debug, Clone)]
-struct ActiveAlert {
-    url: String,
-    alert: Value,
-}
-
 struct Inner {
     config: ActionsConfig,
     services: Services,
@@ -185,7 +178,10 @@ struct Inner {
     audit_usable: bool,
     verifier: Option<Arc<dyn Verifier>>,
     metrics: Metrics,
-    alerts: Mutex<HashMap<String, Vec<ActiveAlert>>>,
+    /// The Alertmanager alerts sent and not resolved, one per episode and Alertmanager.
+    alerts: Mutex<alerts::AlertBook>,
+    /// `alerts.json`; `None` without a data directory or when it was unreadable at start.
+    alert_file: Option<StateFile>,
     /// False while the audit log cannot be written: actions are refused.
     audit_ok: AtomicBool,
     playbooks: Playbooks,
@@ -329,6 +325,23 @@ impl Actions {
                 GateFile::default()
             }
         };
+        // The alerts sent before a restart are resent (or resolved once the wiring says their
+        // rule is gone); an unreadable file is kept and stops the actions, as gate.json does.
+        let mut alert_file = dir.map(|d| StateFile::new(d.join("alerts.json")));
+        let alert_book = match alert_file
+            .as_ref()
+            .map(StateFile::load::<alerts::AlertBook>)
+        {
+            None | Some(Ok(None)) => alerts::AlertBook::default(),
+            Some(Ok(Some(book))) => book,
+            Some(Err(err)) => {
+                alert_file = None;
+                halted.get_or_insert(format!(
+                    "{err}; actions are stopped until it is repaired or removed and autotuner restarted"
+                ));
+                alerts::AlertBook::default()
+            }
+        };
         let gc = gate_config(&config);
         let gates = Gates {
             enforce: Gate::new(gc.clone(), saved.enforce, keys.clone()),
@@ -383,7 +396,8 @@ impl Actions {
                 audit_usable: dir.is_some(),
                 verifier,
                 metrics,
-                alerts: Mutex::new(HashMap::new()),
+                alerts: Mutex::new(alert_book),
+                alert_file,
                 audit_ok: AtomicBool::new(audit_ok),
                 playbooks,
                 advisors: tokio::sync::Mutex::new(HashMap::new()),
