@@ -289,7 +289,7 @@ impl Actions {
             let after = v.after.0;
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
-                me.verify(&req, verifier.as_ref(), &knob_moves).await;
+                me.verify(&req, &verifier, &knob_moves).await;
             });
         }
         outcomes

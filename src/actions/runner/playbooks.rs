@@ -61,7 +61,7 @@ impl Actions {
         for (pname, spec) in parts {
             let part_started = Instant::now();
             let value = match (&spec.value, &self.inner.verifier) {
-                (Some(expr), Some(v)) => v.value(expr)?,
+                (Some(expr), Some(v)) => super::verify::value(v, expr).await?,
                 _ => None,
             };
             let now = now_ms();

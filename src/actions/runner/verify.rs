@@ -4,17 +4,41 @@
 //!
 //! Uses the stage (`super`), the knobs and the `Verifier` the wiring provides.
 
+use std::sync::Arc;
+
 use serde_json::json;
 
 use super::super::knobs;
 use super::super::{ActionRequest, Verifier};
 use super::Actions;
+use crate::sample::Labels;
+
+/// `Verifier::holds` on the blocking pool: PromQL over the history can take milliseconds, which
+/// must not hold up an async worker (the one that serves `/metrics`, say).
+pub(super) async fn holds(
+    verifier: &Arc<dyn Verifier>,
+    expr: &str,
+    labels: &Labels,
+) -> Result<bool, String> {
+    let (v, e, l) = (verifier.clone(), expr.to_owned(), labels.clone());
+    tokio::task::spawn_blocking(move || v.holds(&e, &l))
+        .await
+        .map_err(|e| format!("evaluating {expr:?}: {e}"))?
+}
+
+/// `Verifier::value` on the blocking pool, for the same reason.
+pub(super) async fn value(verifier: &Arc<dyn Verifier>, expr: &str) -> Result<Option<f64>, String> {
+    let (v, e) = (verifier.clone(), expr.to_owned());
+    tokio::task::spawn_blocking(move || v.value(&e))
+        .await
+        .map_err(|e| format!("evaluating {expr:?}: {e}"))?
+}
 
 impl Actions {
     pub(super) async fn verify(
         &self,
         req: &ActionRequest,
-        verifier: &dyn Verifier,
+        verifier: &Arc<dyn Verifier>,
         knob_moves: &[(String, f64, f64)],
     ) {
         let Some(v) = &req.verify else {
@@ -22,9 +46,12 @@ impl Actions {
         };
         let mut r = self.base(req, self.mode(req), None, None);
         r.phase = "verification".into();
-        let outcome = match verifier.holds(&v.expr, &req.labels) {
+        let outcome = match holds(verifier, &v.expr, &req.labels).await {
             Ok(true) => "effective",
-            Ok(false) => match v.worse.as_deref().map(|w| verifier.holds(w, &req.labels)) {
+            Ok(false) => match match v.worse.as_deref() {
+                Some(w) => Some(holds(verifier, w, &req.labels).await),
+                None => None,
+            } {
                 Some(Ok(true)) => "worsened",
                 Some(Err(e)) => {
                     r.error = Some(e);
