@@ -576,12 +576,21 @@ async fn concurrent_persists_leave_valid_files_holding_the_newest_state() {
     let gate = std::fs::read_to_string(data.path().join("gate.json")).unwrap();
     serde_json::from_str::<Value>(&gate)
         .unwrap_or_else(|e| panic!("gate.json is not valid JSON ({e}): {gate}"));
-    let leftovers: Vec<String> = std::fs::read_dir(data.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "knobs.json" && n != "gate.json" && !n.starts_with("audit"))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    // A write of the same newest value (a knob's status follows its value) may still be under
+    // way when the value shows: wait, boundedly, for the writers to finish, then no temporary
+    // file may remain.
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(data.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "knobs.json" && n != "gate.json" && !n.starts_with("audit"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leftovers().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(leftovers().is_empty(), "temporary files left: {:?}", leftovers());
     drop(actions);
     let again = stage(&Registry::new(Duration::from_secs(600)).unwrap());
     assert_eq!(again.knobs()[0].value, newest);
