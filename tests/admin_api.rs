@@ -401,7 +401,12 @@ async fn a_rotated_token_file_takes_effect_and_an_expired_token_is_refused() {
     // A broken edit keeps the last good tokens: once the file was re-read (the log says so),
     // the token still works.
     std::fs::write(&rig.tokens, "tokens: [oops\n").unwrap();
-    wait_for_log(&rig, "tokens file unreadable; keeping the previous tokens", rotated).await;
+    wait_for_log(
+        &rig,
+        "tokens file unreadable; keeping the previous tokens",
+        rotated,
+    )
+    .await;
     let (s, _) = rig.call("GET", "/api/v1/status", Some(rotated), None).await;
     assert_eq!(s, 200);
 
@@ -421,7 +426,10 @@ async fn a_rotated_token_file_takes_effect_and_an_expired_token_is_refused() {
         if s == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "the restored file's token never worked");
+        assert!(
+            Instant::now() < deadline,
+            "the restored file's token never worked"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = rig.app.log.lock().unwrap().join("\n");
@@ -452,11 +460,22 @@ async fn wrong_tokens_sent_at_once_are_limited_to_ten() {
         async move { req.send().await.unwrap().status().as_u16() }
     });
     let statuses = futures_util::future::join_all(calls).await;
-    assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 10, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 30, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
     let scrape = rig.app.scrape().await;
     assert_eq!(
-        scrape.value("autotuner_http_auth_failures_total", &[("reason", "invalid")]),
+        scrape.value(
+            "autotuner_http_auth_failures_total",
+            &[("reason", "invalid")]
+        ),
         Some(10.0)
     );
 }

@@ -137,7 +137,8 @@ async fn secrets_reach_no_audit_record_api_answer_page_metric_or_log_line() {
         "{{url: 'http://127.0.0.1:{}/v2/enqueue', body: {{routing_key: {PAGERDUTY}, event_action: trigger}}}}",
         hooks[3].port
     );
-    let redis_cmd = format!("{{command: [CONFIG, SET, requirepass, {REQUIREPASS}], target: cache}}");
+    let redis_cmd =
+        format!("{{command: [CONFIG, SET, requirepass, {REQUIREPASS}], target: cache}}");
     let am_url = format!("http://am-user:{AM_PASSWORD}@127.0.0.1:{}", am.port);
 
     let dir = tempfile::tempdir().unwrap();
@@ -151,7 +152,11 @@ async fn secrets_reach_no_audit_record_api_answer_page_metric_or_log_line() {
         ("Teams", format!("webhook: {{url: '{teams}'}}"), false),
         ("PagerDuty", format!("webhook: {pagerduty}"), false),
         ("RequirePass", format!("redis: {redis_cmd}"), true),
-        ("Alertmanager", format!("alertmanager: {{url: '{am_url}'}}"), false),
+        (
+            "Alertmanager",
+            format!("alertmanager: {{url: '{am_url}'}}"),
+            false,
+        ),
     ] {
         rules.push_str(&rule(name, &action, destructive));
     }
@@ -220,13 +225,20 @@ async fn secrets_reach_no_audit_record_api_answer_page_metric_or_log_line() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let audit = audit_text();
-        let acted = ["Slack", "Discord", "Teams", "PagerDuty", "RequirePass", "Alertmanager"]
-            .iter()
-            .all(|r| {
-                audit.lines().any(|l| {
-                    l.contains(&format!("\"rule\":\"{r}\"")) && l.contains("\"decision\":\"applied\"")
-                })
-            });
+        let acted = [
+            "Slack",
+            "Discord",
+            "Teams",
+            "PagerDuty",
+            "RequirePass",
+            "Alertmanager",
+        ]
+        .iter()
+        .all(|r| {
+            audit.lines().any(|l| {
+                l.contains(&format!("\"rule\":\"{r}\"")) && l.contains("\"decision\":\"applied\"")
+            })
+        });
         let resent = app
             .log
             .lock()
@@ -290,7 +302,10 @@ async fn secrets_reach_no_audit_record_api_answer_page_metric_or_log_line() {
         .iter()
         .any(|l| l.contains("tokens file unreadable"))
     {
-        assert!(Instant::now() < deadline, "the broken tokens file was never re-read");
+        assert!(
+            Instant::now() < deadline,
+            "the broken tokens file was never re-read"
+        );
         http.get(app.url("/api/v1/status"))
             .bearer_auth(READ_TOKEN)
             .send()
@@ -317,7 +332,14 @@ async fn secrets_reach_no_audit_record_api_answer_page_metric_or_log_line() {
         "/".to_owned(),
         "/metrics".to_owned(),
     ];
-    for r in ["Slack", "Discord", "Teams", "PagerDuty", "RequirePass", "Alertmanager"] {
+    for r in [
+        "Slack",
+        "Discord",
+        "Teams",
+        "PagerDuty",
+        "RequirePass",
+        "Alertmanager",
+    ] {
         paths.push(format!("/api/v1/rules/{r}"));
         paths.push(format!("/api/v1/audit?rule={r}"));
     }

@@ -218,7 +218,10 @@ mod tests {
         assert!(!v.to_string().contains("pw1"), "{v}");
         assert_eq!(v["sql"]["params"], REDACTED);
         let v = params(&spec("exec: {command: [/usr/bin/notify, --key=abc]}"));
-        assert_eq!(v["exec"]["command"], serde_json::json!(["/usr/bin/notify", REDACTED]));
+        assert_eq!(
+            v["exec"]["command"],
+            serde_json::json!(["/usr/bin/notify", REDACTED])
+        );
         let v = params(&spec("knob: {name: batch_size, scale: 0.5}"));
         assert_eq!(v["knob"]["name"], "batch_size");
         assert_eq!(v["knob"]["scale"], 0.5);

@@ -648,7 +648,10 @@ mod tests {
             ))
             .unwrap_err();
             assert!(err.starts_with("3:"), "{bad}: {err}");
-            assert!(err.contains("exactly 64 hexadecimal digits"), "{bad}: {err}");
+            assert!(
+                err.contains("exactly 64 hexadecimal digits"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -675,11 +678,11 @@ mod tests {
         let l = Limiter::default();
         let first: Option<IpAddr> = Some("10.1.0.0".parse().unwrap());
         for _ in 0..MAX_FAILURES_PER_MINUTE {
-            drop(l.attempt(first));
+            let _ = l.attempt(first);
         }
         for i in 0..(MAX_ADDRESSES as u32 + 64) {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
-            drop(l.attempt(Some(ip)));
+            let _ = l.attempt(Some(ip));
             assert!(l.tracked() <= MAX_ADDRESSES);
         }
         assert_eq!(l.tracked(), MAX_ADDRESSES);
@@ -691,7 +694,11 @@ mod tests {
     fn a_deleted_tokens_file_revokes_its_tokens() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens.yml");
-        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
         let a = Auth::new(None, Some(O.into()), Some(&p)).unwrap();
         assert!(a.check(Some(R), None, Role::Read).is_ok());
         std::fs::remove_file(&p).unwrap();
@@ -703,7 +710,11 @@ mod tests {
         // The environment's tokens are unaffected.
         assert!(a.check(Some(O), None, Role::Operate).is_ok());
         // Back, it counts again.
-        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
         std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
         let _ = a.check(Some(R), None, Role::Read);
         assert!(a.check(Some(R), None, Role::Read).is_ok());
@@ -713,7 +724,11 @@ mod tests {
     async fn a_request_never_waits_for_the_tokens_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens.yml");
-        std::fs::write(&p, format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n")).unwrap();
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
         let a = Auth::new(None, None, Some(&p)).unwrap();
         tokio::time::sleep(CHECK_EVERY + Duration::from_millis(100)).await;
         std::fs::remove_file(&p).unwrap();

@@ -486,7 +486,9 @@ impl Shared {
         tracing::debug!(file = %self.path.display(), "web configuration changed; re-reading it");
         match load(&self.path) {
             Ok(l) if l.tls.is_some() != self.tls_at_start => {
-                let err = "turning TLS on or off needs a restart; keeping the previous web configuration".to_owned();
+                let err =
+                    "turning TLS on or off needs a restart; keeping the previous web configuration"
+                        .to_owned();
                 if disk.error.as_deref() != Some(err.as_str()) {
                     tracing::error!(file = %self.path.display(), "{err}");
                 }
@@ -861,10 +863,18 @@ mod tests {
     async fn a_request_never_waits_for_the_files() {
         let d = tempfile::tempdir().unwrap();
         let hash = bcrypt::hash("x", 4).unwrap();
-        let p = write(d.path(), "web.yml", &format!("basic_auth_users:\n  old: '{hash}'\n"));
+        let p = write(
+            d.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  old: '{hash}'\n"),
+        );
         let w = WebConfig::load(&p).unwrap();
         tokio::time::sleep(CHECK_EVERY + Duration::from_millis(100)).await;
-        write(d.path(), "web.yml", &format!("basic_auth_users:\n  new: '{hash}'\n"));
+        write(
+            d.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  new: '{hash}'\n"),
+        );
         // The request that finds the check due gets the settings in force; the files are read
         // on a blocking thread, and a later request gets the new ones.
         assert!(w.current().users.contains_key("old"));
