@@ -322,21 +322,42 @@ async fn client_certificates_are_verified_against_the_client_ca() {
 }
 
 /// Starts the binary with `text` as its web config (next to a valid certificate and key) and
-/// returns its stderr; the start must fail.
+/// returns its stderr; the start must fail (a process still running after 30 s started).
 fn refused_start(dir: &Path, text: &str) -> String {
+    use std::io::Read;
     let web = dir.join("web.yml");
     std::fs::write(&web, text).unwrap();
-    let out = std::process::Command::new(common::BIN)
+    let mut child = std::process::Command::new(common::BIN)
         .args([
             format!("--web.config.file={}", web.display()),
             "--web.listen-address=127.0.0.1:0".into(),
             format!("--data.dir={}", dir.display()),
             format!("--rules.dir={}", dir.join("no-rules").display()),
         ])
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{text:?} started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{text:?} started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{text:?} started");
     assert!(err.contains("--web.config.file"), "{text:?}: {err}");
     err
 }
