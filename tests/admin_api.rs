@@ -400,11 +400,86 @@ async fn a_rotated_token_file_takes_effect_and_an_expired_token_is_refused() {
         .await;
     assert_eq!(s, 401);
     assert!(v["error"].as_str().unwrap().contains("expired"), "{v}");
-    // A broken edit keeps the last good tokens.
+    // A broken edit keeps the last good tokens: once the file was re-read (the log says so),
+    // the token still works.
     std::fs::write(&rig.tokens, "tokens: [oops\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_log(
+        &rig,
+        "tokens file unreadable; keeping the previous tokens",
+        rotated,
+    )
+    .await;
     let (s, _) = rig.call("GET", "/api/v1/status", Some(rotated), None).await;
     assert_eq!(s, 200);
+
+    // A deleted file revokes its tokens (fail closed), logged; back, they count again.
+    std::fs::remove_file(&rig.tokens).unwrap();
+    wait_for_log(&rig, "tokens file missing or unreadable", rotated).await;
+    let (s, v) = rig.call("GET", "/api/v1/status", Some(rotated), None).await;
+    assert_eq!(s, 401, "{v}");
+    std::fs::write(
+        &rig.tokens,
+        format!("tokens:\n  - {{name: reader, role: read, token: {rotated}}}\n"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, _) = rig.call("GET", "/api/v1/status", Some(rotated), None).await;
+        if s == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored file's token never worked"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = rig.app.log.lock().unwrap().join("\n");
+    for t in [READ, OPERATE, rotated] {
+        assert!(!log.contains(t), "a token is in the log");
+    }
+}
+
+/// Calls the API with `token` (the file is checked as requests come) until the log has `what`.
+async fn wait_for_log(rig: &Rig, what: &str, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rig.app.log.lock().unwrap().iter().any(|l| l.contains(what)) {
+        assert!(Instant::now() < deadline, "the log never said {what:?}");
+        rig.call("GET", "/api/v1/status", Some(token), None).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wrong tokens sent all at once from one address: ten are checked, the rest answered 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_sent_at_once_are_limited_to_ten() {
+    let rig = Rig::start(&tokens_file(), CONFIG, RULE, &[], &[]).await;
+    let calls = (0..40).map(|i| {
+        let req = rig
+            .http
+            .get(rig.app.url("/api/v1/status"))
+            .bearer_auth(format!("wrong-token-number-{i:04}"));
+        async move { req.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+    let scrape = rig.app.scrape().await;
+    assert_eq!(
+        scrape.value(
+            "autotuner_http_auth_failures_total",
+            &[("reason", "invalid")]
+        ),
+        Some(10.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,9 +321,51 @@ async fn client_certificates_are_verified_against_the_client_ca() {
     );
 }
 
+/// Starts the binary with `text` as its web config (next to a valid certificate and key) and
+/// returns its stderr; the start must fail (a process still running after 30 s started).
+fn refused_start(dir: &Path, text: &str) -> String {
+    use std::io::Read;
+    let web = dir.join("web.yml");
+    std::fs::write(&web, text).unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .args([
+            format!("--web.config.file={}", web.display()),
+            "--web.listen-address=127.0.0.1:0".into(),
+            format!("--data.dir={}", dir.display()),
+            format!("--rules.dir={}", dir.join("no-rules").display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{text:?} started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{text:?} started");
+    assert!(err.contains("--web.config.file"), "{text:?}: {err}");
+    err
+}
+
 #[test]
 fn a_broken_web_config_stops_the_start_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.yml");
     let cases = [
         (
             "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
@@ -335,35 +377,110 @@ fn a_broken_web_config_stops_the_start_with_its_line() {
             ":2:",
             "bcrypt",
         ),
-        (
-            "tls_server_config:\n  cert: x\n  key: y\n  client_auth_type: RequireAnyClientCert\n",
-            "",
-            "",
-        ),
-        (
-            "tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: TLS10\n",
-            "",
-            "",
-        ),
     ];
     for (text, line, what) in cases {
-        let web = dir.path().join("web.yml");
-        std::fs::write(&web, text).unwrap();
-        let out = std::process::Command::new(common::BIN)
-            .args([
-                format!("--web.config.file={}", web.display()),
-                "--web.listen-address=127.0.0.1:0".into(),
-                format!("--data.dir={}", dir.path().display()),
-            ])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{text:?} started");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("--web.config.file"), "{text:?}: {err}");
+        let err = refused_start(dir.path(), text);
         assert!(
             err.contains(&format!("{}{line}", web.display())),
             "{text:?}: {err}"
         );
         assert!(err.contains(what), "{text:?}: {err}");
     }
+}
+
+/// What rustls cannot do safely is refused for that reason, at that line: the certificate and
+/// key are valid, so nothing else could fail first.
+#[test]
+fn unsafe_tls_settings_are_refused_for_their_own_reason_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, key) = ca.sign(&["localhost"], false);
+    write(dir.path(), "server.crt", &cert);
+    write(dir.path(), "server.key", &key);
+    write(dir.path(), "clients.crt", &Ca::new("clients CA").pem());
+    let web = dir.path().join("web.yml");
+    let base = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n";
+    // The same file without the refused setting starts: the certificates are not the problem.
+    std::fs::write(&web, base).unwrap();
+    let ok = Autotuner::start(&[&format!("--web.config.file={}", web.display())], &[]);
+    drop(ok);
+    for (extra, line, what) in [
+        (
+            "  min_version: TLS10\n",
+            ":4:",
+            "TLS10 is not offered: TLS 1.0 and 1.1 are broken",
+        ),
+        (
+            "  max_version: TLS11\n",
+            ":4:",
+            "TLS11 is not offered: TLS 1.0 and 1.1 are broken",
+        ),
+        (
+            "  client_auth_type: RequestClientCert\n",
+            ":4:",
+            "RequestClientCert accepts certificates nobody verified",
+        ),
+        (
+            "  client_auth_type: RequireAnyClientCert\n  client_ca_file: clients.crt\n",
+            ":4:",
+            "RequireAnyClientCert accepts certificates nobody verified",
+        ),
+        (
+            "  client_ca_file: clients.crt\n  client_allowed_sans: [prometheus]\n",
+            ":5:",
+            "client_allowed_sans is not supported",
+        ),
+    ] {
+        let text = format!("{base}{extra}");
+        let err = refused_start(dir.path(), &text);
+        assert!(
+            err.contains(&format!("{}{line}", web.display())),
+            "{text:?}: {err}"
+        );
+        assert!(err.contains(what), "{text:?}: {err}");
+    }
+}
+
+/// Wrong passwords sent all at once from one address: each is counted before its bcrypt runs,
+/// so ten are checked and the rest answered 429 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_sent_at_once_cost_at_most_ten_bcrypts() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.yml");
+    // Cost 8: long enough that every request of the burst arrives before ten checks finished.
+    std::fs::write(
+        &web,
+        format!(
+            "basic_auth_users:\n  prometheus: '{}'\n",
+            bcrypt::hash("scrape-secret", 8).unwrap()
+        ),
+    )
+    .unwrap();
+    let app = Autotuner::start(&[&format!("--web.config.file={}", web.display())], &[]);
+    let http = common::client();
+    let calls = (0..30).map(|i| {
+        let req = http
+            .get(app.url("/-/healthy"))
+            .basic_auth("prometheus", Some(format!("guess-{i}")));
+        async move { req.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        20,
+        "{statuses:?}"
+    );
+    // The address waits out the minute, even with the right password.
+    let r = http
+        .get(app.url("/metrics"))
+        .basic_auth("prometheus", Some("scrape-secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
 }

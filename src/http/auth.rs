@@ -463,13 +463,15 @@ impl Auth {
             .any(|e| e.role == Role::Operate)
     }
 
-    /// The file's entries in force; starts a check of the file when one is due.
+    /// The file's entries in force when the request came; starts a check of the file when one
+    /// is due, which the request does not wait for.
     fn entries(&self) -> Arc<Vec<Entry>> {
         let Some(file) = &self.file else {
             return Arc::new(Vec::new());
         };
+        let current = file.current();
         file.maybe_refresh();
-        file.current()
+        current
     }
 
     fn refuse(&self, reason: &str, status: u16, message: String) -> Refusal {
@@ -676,11 +678,11 @@ mod tests {
         let l = Limiter::default();
         let first: Option<IpAddr> = Some("10.1.0.0".parse().unwrap());
         for _ in 0..MAX_FAILURES_PER_MINUTE {
-            drop(l.attempt(first));
+            let _ = l.attempt(first);
         }
         for i in 0..(MAX_ADDRESSES as u32 + 64) {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
-            drop(l.attempt(Some(ip)));
+            let _ = l.attempt(Some(ip));
             assert!(l.tracked() <= MAX_ADDRESSES);
         }
         assert_eq!(l.tracked(), MAX_ADDRESSES);
@@ -701,7 +703,8 @@ mod tests {
         assert!(a.check(Some(R), None, Role::Read).is_ok());
         std::fs::remove_file(&p).unwrap();
         std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
-        // Without a runtime the check runs inline, so the first request after the second sees it.
+        // Without a runtime the check runs inline, after the first request after the second.
+        assert!(a.check(Some(R), None, Role::Read).is_ok());
         let r = a.check(Some(R), None, Role::Read).unwrap_err();
         assert_eq!(r.status, 401);
         // The environment's tokens are unaffected.
@@ -713,6 +716,29 @@ mod tests {
         )
         .unwrap();
         std::thread::sleep(CHECK_EVERY + Duration::from_millis(100));
+        let _ = a.check(Some(R), None, Role::Read);
         assert!(a.check(Some(R), None, Role::Read).is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_request_never_waits_for_the_tokens_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens.yml");
+        std::fs::write(
+            &p,
+            format!("tokens:\n  - {{name: r, role: read, token: {R}}}\n"),
+        )
+        .unwrap();
+        let a = Auth::new(None, None, Some(&p)).unwrap();
+        tokio::time::sleep(CHECK_EVERY + Duration::from_millis(100)).await;
+        std::fs::remove_file(&p).unwrap();
+        // The request that finds the check due is answered with the tokens in force; the file
+        // is read on a blocking thread, and a later request sees the outcome.
+        assert!(a.check(Some(R), None, Role::Read).is_ok());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.check(Some(R), None, Role::Read).is_ok() {
+            assert!(Instant::now() < deadline, "the deletion was never noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

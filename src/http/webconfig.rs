@@ -605,8 +605,9 @@ impl WebConfig {
     /// The settings in force; starts a check of the files when one is due (at most once a
     /// second, never on the caller's thread when a runtime is there).
     fn current(&self) -> Snapshot {
+        let current = self.shared.current();
         self.shared.maybe_refresh();
-        self.shared.current()
+        current
     }
 
     /// Whether `user`/`password` passed a check recently (no bcrypt).
@@ -856,6 +857,32 @@ mod tests {
         let parts: bcrypt::HashParts = DUMMY_HASH.parse().unwrap();
         assert_eq!(parts.get_cost(), 10);
         assert!(!bcrypt::verify("", DUMMY_HASH).unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_request_never_waits_for_the_files() {
+        let d = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash("x", 4).unwrap();
+        let p = write(
+            d.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  old: '{hash}'\n"),
+        );
+        let w = WebConfig::load(&p).unwrap();
+        tokio::time::sleep(CHECK_EVERY + Duration::from_millis(100)).await;
+        write(
+            d.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  new: '{hash}'\n"),
+        );
+        // The request that finds the check due gets the settings in force; the files are read
+        // on a blocking thread, and a later request gets the new ones.
+        assert!(w.current().users.contains_key("old"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.current().users.contains_key("new") {
+            assert!(Instant::now() < deadline, "the edit was never read");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]
