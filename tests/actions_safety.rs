@@ -590,7 +590,11 @@ async fn concurrent_persists_leave_valid_files_holding_the_newest_state() {
     while !leftovers().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(leftovers().is_empty(), "temporary files left: {:?}", leftovers());
+    assert!(
+        leftovers().is_empty(),
+        "temporary files left: {:?}",
+        leftovers()
+    );
     drop(actions);
     let again = stage(&Registry::new(Duration::from_secs(600)).unwrap());
     assert_eq!(again.knobs()[0].value, newest);
