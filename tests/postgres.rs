@@ -140,8 +140,8 @@ async fn slow_statements_are_counted_and_move_the_mean_fast_ones_do_not() {
         .query_one(
             "SELECT queryid::text, sum(calls)::float8, (sum(total_exec_time) / 1000)::float8 \
              FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
-             WHERE d.datname = 'autotuner_test' AND query = 'SELECT pg_sleep($1)' GROUP BY queryid",
-            &[],
+             WHERE d.datname = $1 AND query = 'SELECT pg_sleep($1)' GROUP BY queryid",
+            &[&db.name],
         )
         .await
         .unwrap();
@@ -149,7 +149,7 @@ async fn slow_statements_are_counted_and_move_the_mean_fast_ones_do_not() {
     assert_eq!(calls, 2.0, "the two pg_sleep(0.15) calls since the reset");
     let sleep = [
         ("target", "main"),
-        ("datname", "autotuner_test"),
+        ("datname", db.name.as_str()),
         ("queryid", queryid.as_str()),
     ];
     let s = app
