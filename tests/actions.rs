@@ -872,63 +872,14 @@ async fn a_broken_audit_log_stops_actions_but_nothing_else() {
 
 #[tokio::test]
 async fn alertmanager_shows_the_alert_while_firing_and_resolves_it() {
-    let Some(bin) = common::require("prometheus-alertmanager") else {
+    let Some(am) =
+        common::Alertmanager::start("route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n")
+            .await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("alertmanager.yml");
-    std::fs::write(
-        &config_path,
-        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
-    )
-    .unwrap();
-    let port = common::free_port();
-    let am = std::process::Command::new(bin)
-        .arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.path={}", dir.path().display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--cluster.listen-address=")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(am);
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while http
-        .get(format!("{base}/-/ready"))
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .ok()
-        != Some(true)
-    {
-        assert!(Instant::now() < deadline, "alertmanager did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let alerts = || {
-        let http = http.clone();
-        let base = base.clone();
-        async move {
-            http.get(format!(
-                "{base}/api/v2/alerts?filter=alertname%3D%22CacheMissRatioHigh%22"
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json::<Vec<serde_json::Value>>()
-            .await
-            .unwrap()
-        }
-    };
+    let base = am.base.clone();
+    let alerts = || am.active("CacheMissRatioHigh");
     let data = tempfile::tempdir().unwrap();
     let registry = Registry::new(Duration::from_secs(600)).unwrap();
     let actions = Actions::new(

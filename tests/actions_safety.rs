@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{Autotuner, PgEnv};
+use common::{Alertmanager, Autotuner, PgEnv};
 
 const OPERATE: &str = "operator-token-safety-0123456789";
 
@@ -1038,86 +1038,19 @@ async fn an_index_build_outlasting_the_action_timeout_is_tracked_to_its_end() {
     drop(su);
 }
 
-/// A real Alertmanager on a free port, killed when dropped.
-struct Alertmanager {
-    child: std::process::Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
+/// Alertmanager routing everything nowhere: the tests read its API.
+const NULL_ROUTE: &str = "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n";
 
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Alertmanager {
-    async fn start() -> Option<Alertmanager> {
-        let bin = common::require("prometheus-alertmanager")?;
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("alertmanager.yml");
-        std::fs::write(
-            &config_path,
-            "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
-        )
-        .unwrap();
-        let port = common::free_port();
-        let child = std::process::Command::new(bin)
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.path={}", dir.path().display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--cluster.listen-address=")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let am = Alertmanager {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http
-            .get(format!("{}/-/ready", am.base))
-            .send()
-            .await
-            .map(|r| r.status().is_success())
-            .ok()
-            != Some(true)
-        {
-            assert!(Instant::now() < deadline, "alertmanager did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Some(am)
-    }
-
-    /// The active (not resolved, not expired) alerts named `name`.
-    async fn active(&self, name: &str) -> Vec<Value> {
-        reqwest::Client::new()
-            .get(format!(
-                "{}/api/v2/alerts?filter=alertname%3D%22{name}%22",
-                self.base
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json::<Vec<Value>>()
-            .await
-            .unwrap()
-    }
-
-    async fn wait_active(&self, name: &str, want: bool, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.active(name).await.is_empty() == want {
-            assert!(
-                Instant::now() < deadline,
-                "alert {name} never became {}",
-                if want { "active" } else { "resolved" }
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+/// Waits until alert `name` is active (`want`) or resolved in `am`.
+async fn wait_active(am: &Alertmanager, name: &str, want: bool, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while am.active(name).await.is_empty() == want {
+        assert!(
+            Instant::now() < deadline,
+            "alert {name} never became {}",
+            if want { "active" } else { "resolved" }
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -1127,7 +1060,7 @@ impl Alertmanager {
 // validity); delete the rule file (the alert resolves in Alertmanager, recorded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alertmanager_alerts_survive_a_restart_and_resolve_when_their_rule_is_deleted() {
-    let Some(am) = Alertmanager::start().await else {
+    let Some(am) = Alertmanager::start(NULL_ROUTE).await else {
         return;
     };
     let rule = unique("AmEpisode");
@@ -1157,7 +1090,7 @@ async fn alertmanager_alerts_survive_a_restart_and_resolve_when_their_rule_is_de
     let envs = [("AUTOTUNER_OPERATE_TOKEN", OPERATE)];
 
     let mut app = Autotuner::start(&args, &envs).await_ready().await;
-    am.wait_active(&rule, true, Duration::from_secs(60)).await;
+    wait_active(&am, &rule, true, Duration::from_secs(60)).await;
     let registered = std::fs::read_to_string(data.join("alerts.json")).unwrap();
     assert!(registered.contains(&rule), "{registered}");
     app.terminate(Duration::from_secs(10));
@@ -1179,7 +1112,7 @@ async fn alertmanager_alerts_survive_a_restart_and_resolve_when_their_rule_is_de
         .bearer_auth(OPERATE)
         .send()
         .await;
-    am.wait_active(&rule, false, Duration::from_secs(30)).await;
+    wait_active(&am, &rule, false, Duration::from_secs(30)).await;
     // Resolved for good: not resent afterwards.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(am.active(&rule).await.is_empty());
@@ -1209,7 +1142,7 @@ async fn an_alert_whose_resolution_was_lost_is_resolved_when_its_instance_is_not
     use autotuner::settings::config::{ActionsConfig, GlobalMode};
     use std::collections::{BTreeMap, HashSet};
 
-    let Some(am) = Alertmanager::start().await else {
+    let Some(am) = Alertmanager::start(NULL_ROUTE).await else {
         return;
     };
     let data = tempfile::tempdir().unwrap();
@@ -1260,7 +1193,7 @@ async fn an_alert_whose_resolution_was_lost_is_resolved_when_its_instance_is_not
             })
             .await;
         assert_eq!(out[0].decision, "applied", "{out:#?}");
-        am.wait_active(rule, true, Duration::from_secs(30)).await;
+        wait_active(&am, rule, true, Duration::from_secs(30)).await;
     }
     let seen = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1272,7 +1205,7 @@ async fn an_alert_whose_resolution_was_lost_is_resolved_when_its_instance_is_not
         BTreeMap::from([("instance".to_owned(), "db1".to_owned())]),
     )]);
     actions.firing_now(seen, &firing).await;
-    am.wait_active(&lost, false, Duration::from_secs(30)).await;
+    wait_active(&am, &lost, false, Duration::from_secs(30)).await;
     assert!(!am.active(&kept).await.is_empty(), "a firing one stays");
     // Only alerts registered before the engine looked: one registered since is kept.
     actions.firing_now(0, &HashSet::new()).await;

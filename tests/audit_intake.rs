@@ -20,7 +20,7 @@ use autotuner::actions::{ActionRequest, Event};
 use autotuner::http::intake::{AlertIntake, Payload};
 use autotuner::registry::Registry;
 use autotuner::rules::engine::Engine;
-use common::Autotuner;
+use common::{Alertmanager, Autotuner};
 use serde_json::{Value, json};
 
 fn now_ms() -> i64 {
@@ -40,70 +40,23 @@ fn rfc3339(ms: i64) -> String {
     .to_string()
 }
 
-/// A real Alertmanager on loopback, killed when dropped.
-struct Alertmanager {
-    child: std::process::Child,
-    base: String,
-    _dir: tempfile::TempDir,
+/// A real Alertmanager routing everything to `hook` at once, repeating only every 4 h.
+async fn alertmanager(hook: &str) -> Option<Alertmanager> {
+    Alertmanager::start(&format!(
+        "route:\n  receiver: autotuner\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 4h\nreceivers:\n  - name: autotuner\n    webhook_configs:\n      - url: '{hook}'\n        send_resolved: true\n"
+    ))
+    .await
 }
 
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Alertmanager {
-    /// Alertmanager routing everything to `hook` at once, repeating only every 4 h.
-    async fn start(hook: &str) -> Option<Alertmanager> {
-        let bin = common::require("prometheus-alertmanager")?;
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("alertmanager.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "route:\n  receiver: autotuner\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 4h\nreceivers:\n  - name: autotuner\n    webhook_configs:\n      - url: '{hook}'\n        send_resolved: true\n"
-            ),
-        )
+/// Posts one alert to `am`, as a Prometheus would.
+async fn post(am: &Alertmanager, alert: Value) {
+    let r = common::client()
+        .post(format!("{}/api/v2/alerts", am.base))
+        .json(&json!([alert]))
+        .send()
+        .await
         .unwrap();
-        let port = common::free_port();
-        let child = std::process::Command::new(bin)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.path={}", dir.path().display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--cluster.listen-address=")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let am = Alertmanager {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let http = common::client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("{}/-/ready", am.base)).send().await
-                && r.status().is_success()
-            {
-                return Some(am);
-            }
-            assert!(Instant::now() < deadline, "alertmanager did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn post(&self, alert: Value) {
-        let r = common::client()
-            .post(format!("{}/api/v2/alerts", self.base))
-            .json(&json!([alert]))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{:?}", r.text().await);
-    }
+    assert!(r.status().is_success(), "{:?}", r.text().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +85,7 @@ async fn a_received_alert_with_a_for_longer_than_the_lookback_fires_once_and_sta
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, hook).await });
-    let Some(am) = Alertmanager::start(&hook_url).await else {
+    let Some(am) = alertmanager(&hook_url).await else {
         return;
     };
 
@@ -156,7 +109,7 @@ async fn a_received_alert_with_a_for_longer_than_the_lookback_fires_once_and_sta
         "startsAt": rfc3339(starts),
         "endsAt": rfc3339(starts + 3_600_000),
     });
-    am.post(alert.clone()).await;
+    post(&am, alert.clone()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while deliveries.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "Alertmanager never delivered");
@@ -214,7 +167,7 @@ async fn a_received_alert_with_a_for_longer_than_the_lookback_fires_once_and_sta
     // (a resolution request, which never executes anything).
     let mut resolved = alert.clone();
     resolved["endsAt"] = json!(rfc3339(now_ms()));
-    am.post(resolved).await;
+    post(&am, resolved).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !deliveries
         .lock()

@@ -367,6 +367,7 @@ pub struct RedisServer {
     pub child: Option<Child>,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl RedisServer {
@@ -374,12 +375,22 @@ impl RedisServer {
     /// in an argument is replaced by the server's port. A port taken by another process between
     /// our choice and redis-server's bind is retried on another one.
     pub fn start(args: &[&str]) -> Option<RedisServer> {
+        RedisServer::start_with_env(args, &[])
+    }
+
+    /// [`RedisServer::start`] with `envs` added to the server's environment (`MALLOC_CONF`,
+    /// say).
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Option<RedisServer> {
         require("redis-server")?;
         let mut server = RedisServer {
             port: 0,
             child: None,
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|s| (*s).to_owned()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         let (port, child) =
             spawn_on_free_port("redis-server", |port| server.spawn(port), || server.log());
@@ -422,6 +433,7 @@ impl RedisServer {
                     .iter()
                     .map(|a| a.replace("{port}", &port.to_string())),
             )
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -855,5 +867,86 @@ impl CpuHold {
         let f = Self::open();
         f.lock().unwrap();
         CpuHold(f)
+    }
+}
+
+/// A real Alertmanager (Debian's `prometheus-alertmanager`) on a loopback port of its own, with
+/// clustering off, killed when dropped.
+pub struct Alertmanager {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Alertmanager {
+    /// Starts one with `config` (its YAML), or `None` (after [`not_run`]) when it is not
+    /// installed; returns once `/-/ready` answers. A port taken between our choice and its bind
+    /// is retried on another one ([`spawn_on_free_port`]).
+    pub async fn start(config: &str) -> Option<Alertmanager> {
+        let bin = require("prometheus-alertmanager")?;
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("alertmanager.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("alertmanager.log");
+        let (port, child) = spawn_on_free_port(
+            "alertmanager",
+            |port| {
+                let log = std::fs::File::create(&log_path).unwrap();
+                Command::new(&bin)
+                    .arg(format!("--config.file={}", config_path.display()))
+                    .arg(format!("--storage.path={}", dir.path().display()))
+                    .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                    .arg("--cluster.listen-address=")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap()
+            },
+            || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        );
+        let am = Alertmanager {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let http = client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("{}/-/ready", am.base)).send().await
+                && r.status().is_success()
+            {
+                return Some(am);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "alertmanager did not become ready; log:\n{}",
+                std::fs::read_to_string(am._dir.path().join("alertmanager.log"))
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The active (not resolved, not expired) alerts named `name`.
+    pub async fn active(&self, name: &str) -> Vec<serde_json::Value> {
+        client()
+            .get(format!(
+                "{}/api/v2/alerts?filter=alertname%3D%22{name}%22",
+                self.base
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json::<Vec<serde_json::Value>>()
+            .await
+            .unwrap()
     }
 }
