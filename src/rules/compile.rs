@@ -507,7 +507,7 @@ mod tests {
         let (_d, l) = load(&[
             (
                 "a.yml",
-                "groups:\n  - name: g\n    rules:\n      - name: A\n        expr: rate(x)\n        actions:\n          - knob: {name: batch, scale: 0.5}\n          - webhok: {url: x}\n      - name: B\n        expr: topk(3, x)\n        fro: 5m\n",
+                "groups:\n  - name: g\n    rules:\n      - name: A\n        expr: rate(x)\n        actions:\n          - knob: {name: batch, scale: 0.5}\n          - webhok: {url: x}\n      - name: B\n        expr: limitk(3, x)\n        fro: 5m\n",
             ),
             (
                 "b.yml",
@@ -526,7 +526,7 @@ mod tests {
         for want in [
             "a.yml:5:15: invalid PromQL",
             "a.yml:8:13: unknown field `webhok`",
-            "a.yml:10:15: aggregation `topk` is not supported",
+            "a.yml:10:15: aggregation `limitk` is behind a Prometheus feature flag",
             "a.yml:11:9: unknown field `fro`",
             "b.yml:4:15: rule \"A\" is already defined at",
             "b.yml:10:13: knob \"batch\" is already moved by rule \"A\"",

@@ -5,16 +5,15 @@ use std::time::Duration;
 
 use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::token::{
-    T_ADD, T_ATAN2, T_AVG, T_COUNT, T_DIV, T_EQLC, T_GTE, T_GTR, T_LAND, T_LOR, T_LSS, T_LTE,
-    T_LUNLESS, T_MAX, T_MIN, T_MOD, T_MUL, T_NEQ, T_POW, T_SUB, T_SUM, TokenType,
+    T_ADD, T_ATAN2, T_DIV, T_EQLC, T_GTE, T_GTR, T_LAND, T_LOR, T_LSS, T_LTE, T_LUNLESS, T_MOD,
+    T_MUL, T_NEQ, T_POW, T_SUB, TokenType,
 };
 use promql_parser::parser::{
-    AggregateExpr, BinModifier, BinaryExpr, Expr, LabelModifier, Offset, VectorMatchCardinality,
-    VectorSelector,
+    BinModifier, BinaryExpr, Expr, LabelModifier, Offset, VectorMatchCardinality, VectorSelector,
 };
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use super::{LOOKBACK, NAME, Query, SeriesSource, functions};
+use super::{LOOKBACK, NAME, Query, SeriesSource, aggregate, functions};
 use crate::registry::{Point, is_stale_marker};
 use crate::sample::Labels;
 
@@ -156,7 +155,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             Expr::VectorSelector(vs) => Ok(Value::Vector(self.instant(vs))),
             Expr::MatrixSelector(ms) => Ok(Value::Matrix(self.range(&ms.vs, ms.range))),
             Expr::Binary(b) => self.binary(b),
-            Expr::Aggregate(a) => self.aggregate(a),
+            Expr::Aggregate(a) => aggregate::aggregate(self, a),
             Expr::Call(c) => functions::call(self, c),
             _ => Err("unsupported expression".into()),
         }
@@ -185,6 +184,17 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
                     value: last.v,
                 })
             })
+            .collect()
+    }
+
+    /// An instant selector's samples with the time each was taken at (for `timestamp`).
+    pub(super) fn instant_points(&self, vs: &VectorSelector) -> Vec<(Labels, Point)> {
+        let t = self.at(vs);
+        let start = t - ms(LOOKBACK) + 1;
+        self.source
+            .select_last(&matchers(vs), start, t)
+            .into_iter()
+            .filter(|(_, last)| !is_stale_marker(last.v))
             .collect()
     }
 
@@ -221,66 +231,6 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             (Value::Scalar(s), Value::Vector(v)) => vector_scalar(op, v, s, true, return_bool),
             (Value::Vector(l), Value::Vector(r)) => vector_vector(op, l, r, b.modifier.as_ref()),
             _ => Err(format!("operator `{op}` needs scalars or instant vectors")),
-        }
-    }
-
-    fn aggregate(&self, a: &AggregateExpr) -> Result<Value, String> {
-        let Value::Vector(input) = self.expr(&a.expr)? else {
-            return Err(format!("`{}` needs an instant vector", a.op));
-        };
-        let id = a.op.id();
-        let mut groups: Vec<(Labels, Group)> = Vec::new();
-        // Groups found by the hash of the labels they keep, as Prometheus does: a group's label
-        // set is built once, when the group appears, not once per sample (it was a tenth of a
-        // tick with `sum by (job)` over many series).
-        let mut index: HashMap<u64, usize> = HashMap::default();
-        for s in input {
-            let key = grouping_hash(&s.labels, a.modifier.as_ref());
-            let i = *index.entry(key).or_insert_with(|| {
-                groups.push((grouping(&s.labels, a.modifier.as_ref()), Group::default()));
-                groups.len() - 1
-            });
-            groups[i].1.add(s.value);
-        }
-        let out = groups
-            .into_iter()
-            .map(|(labels, g)| {
-                let value = match id {
-                    T_SUM => g.sum(),
-                    T_AVG => g.mean.value(),
-                    T_MIN => g.min,
-                    T_MAX => g.max,
-                    T_COUNT => g.count,
-                    _ => f64::NAN,
-                };
-                Sample { labels, value }
-            })
-            .collect();
-        Ok(Value::Vector(out))
-    }
-}
-
-/// Running state of one aggregation group.
-#[derive(Debug)]
-struct Group {
-    sum: f64,
-    /// Kahan-Neumaier compensation, as Prometheus sums.
-    c: f64,
-    count: f64,
-    min: f64,
-    max: f64,
-    mean: Mean,
-}
-
-impl Default for Group {
-    fn default() -> Self {
-        Group {
-            sum: 0.0,
-            c: 0.0,
-            count: 0.0,
-            min: f64::NAN,
-            max: f64::NAN,
-            mean: Mean::default(),
         }
     }
 }
@@ -335,29 +285,6 @@ impl Mean {
     }
 }
 
-impl Group {
-    fn add(&mut self, v: f64) {
-        self.mean.add(v);
-        (self.sum, self.c) = kahan_inc(v, self.sum, self.c);
-        self.count += 1.0;
-        // NaN loses to any number, as in Prometheus's min and max.
-        if v < self.min || self.min.is_nan() {
-            self.min = v;
-        }
-        if v > self.max || self.max.is_nan() {
-            self.max = v;
-        }
-    }
-
-    fn sum(&self) -> f64 {
-        if self.sum.is_infinite() {
-            self.sum
-        } else {
-            self.sum + self.c
-        }
-    }
-}
-
 /// One step of Kahan-Neumaier summation (Prometheus's `kahanSumInc`).
 pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
     let t = sum + inc;
@@ -369,34 +296,6 @@ pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
         c + ((inc - t) + sum)
     };
     (t, c)
-}
-
-/// The group of a sample under `by`/`without` (no modifier: one group of everything).
-fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
-    match modifier {
-        None => Labels::empty(),
-        Some(_) => labels.retain(|k| grouped(k, modifier)),
-    }
-}
-
-/// Whether label `k` is part of a sample's group under `modifier`.
-fn grouped(k: &str, modifier: Option<&LabelModifier>) -> bool {
-    match modifier {
-        None => false,
-        Some(LabelModifier::Include(keep)) => keep.labels.iter().any(|l| l == k),
-        Some(LabelModifier::Exclude(drop)) => k != NAME && !drop.labels.iter().any(|l| l == k),
-    }
-}
-
-/// The hash of what `grouping` keeps of `labels`, without building it.
-fn grouping_hash(labels: &Labels, modifier: Option<&LabelModifier>) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = crate::sample::hasher();
-    for (k, v) in labels.iter().filter(|(k, _)| grouped(k, modifier)) {
-        k.hash(&mut h);
-        v.hash(&mut h);
-    }
-    h.finish()
 }
 
 fn ms(d: Duration) -> i64 {

@@ -3,8 +3,8 @@
 use promql_parser::label::MatchOp;
 use promql_parser::parser::{Call, Expr, Offset};
 
-use super::eval::{Evaluator, Mean, Sample, Value, drop_name, kahan_inc, unique};
-use super::{NAME, SeriesSource};
+use super::eval::{Evaluator, Sample, Value, drop_name, unique};
+use super::{NAME, SeriesSource, histogram, over_time};
 use crate::registry::Point;
 use crate::sample::Labels;
 
@@ -13,6 +13,7 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
     let name = c.func.name;
     match name {
         "time" => Ok(Value::Scalar(ev.t_ms() as f64 / 1000.0)),
+        "pi" => Ok(Value::Scalar(std::f64::consts::PI)),
         "vector" => Ok(Value::Vector(vec![Sample {
             labels: Labels::empty(),
             value: scalar_arg(ev, args.first().map(|b| b.as_ref()))?,
@@ -22,7 +23,55 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             _ => Ok(Value::Scalar(f64::NAN)),
         },
         "absent" => absent(ev, first(args)?),
+        "absent_over_time" => {
+            let matrix = range_arg(ev, first(args)?)?.series;
+            if matrix.is_empty() {
+                absent_labels(first(args)?)
+            } else {
+                Ok(Value::Vector(Vec::new()))
+            }
+        }
         "abs" => map(ev, args, |v| Some(v.abs())),
+        "ceil" => map(ev, args, |v| Some(v.ceil())),
+        "floor" => map(ev, args, |v| Some(v.floor())),
+        "sqrt" => map(ev, args, |v| Some(v.sqrt())),
+        "exp" => map(ev, args, |v| Some(v.exp())),
+        "ln" => map(ev, args, |v| Some(v.ln())),
+        "log2" => map(ev, args, |v| Some(v.log2())),
+        "log10" => map(ev, args, |v| Some(v.log10())),
+        "sin" => map(ev, args, |v| Some(v.sin())),
+        "cos" => map(ev, args, |v| Some(v.cos())),
+        "tan" => map(ev, args, |v| Some(v.tan())),
+        "asin" => map(ev, args, |v| Some(v.asin())),
+        "acos" => map(ev, args, |v| Some(v.acos())),
+        "atan" => map(ev, args, |v| Some(v.atan())),
+        "sinh" => map(ev, args, |v| Some(v.sinh())),
+        "cosh" => map(ev, args, |v| Some(v.cosh())),
+        "tanh" => map(ev, args, |v| Some(v.tanh())),
+        "asinh" => map(ev, args, |v| Some(v.asinh())),
+        "acosh" => map(ev, args, |v| Some(v.acosh())),
+        "atanh" => map(ev, args, |v| Some(v.atanh())),
+        "deg" => map(ev, args, |v| Some(v.to_degrees())),
+        "rad" => map(ev, args, |v| Some(v.to_radians())),
+        // Go's sign: NaN and ±0 are returned as they are.
+        "sgn" => map(ev, args, |v| {
+            Some(if v < 0.0 {
+                -1.0
+            } else if v > 0.0 {
+                1.0
+            } else {
+                v
+            })
+        }),
+        "round" => {
+            let to = match args.get(1) {
+                Some(a) => scalar_arg(ev, Some(a))?,
+                None => 1.0,
+            };
+            // Prometheus rounds half up, on the multiple's inverse.
+            let inverse = 1.0 / to;
+            map(ev, args, |v| Some((v * inverse + 0.5).floor() / inverse))
+        }
         "clamp_min" => {
             let lo = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
             map(ev, args, |v| Some(go_max(v, lo)))
@@ -38,6 +87,35 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
                 return Ok(Value::Vector(Vec::new()));
             }
             map(ev, args, |v| Some(go_max(lo, go_min(hi, v))))
+        }
+        "minute" | "hour" | "day_of_week" | "day_of_month" | "day_of_year" | "days_in_month"
+        | "month" | "year" => date(ev, name, args),
+        "timestamp" => timestamp(ev, first(args)?),
+        "sort" | "sort_desc" => {
+            let Value::Vector(mut v) = ev.expr(first(args)?)? else {
+                return Err("sort needs an instant vector".into());
+            };
+            // NaN last either way, as Prometheus sorts.
+            let desc = name == "sort_desc";
+            v.sort_by(|a, b| match (a.value.is_nan(), b.value.is_nan()) {
+                (true, true) => std::cmp::Ordering::Equal,
+                (true, false) => std::cmp::Ordering::Greater,
+                (false, true) => std::cmp::Ordering::Less,
+                _ if desc => b.value.total_cmp(&a.value),
+                _ => a.value.total_cmp(&b.value),
+            });
+            Ok(Value::Vector(v))
+        }
+        "label_replace" => label_replace(ev, args),
+        "label_join" => label_join(ev, args),
+        "histogram_quantile" => {
+            let q = scalar_arg(ev, args.first().map(|b| b.as_ref()))?;
+            let Value::Vector(v) =
+                ev.expr(args.get(1).map(|b| b.as_ref()).ok_or("missing argument")?)?
+            else {
+                return Err("histogram_quantile needs an instant vector".into());
+            };
+            Ok(Value::Vector(unique(histogram::quantile(q, v)?)?))
         }
         "rate" | "increase" | "delta" => {
             let RangeArg {
@@ -62,13 +140,28 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             Ok(Value::Vector(unique(out)?))
         }
         "avg_over_time" | "min_over_time" | "max_over_time" | "sum_over_time"
-        | "count_over_time" | "last_over_time" => {
-            let matrix = range_arg(ev, first(args)?)?.series;
+        | "count_over_time" | "last_over_time" | "present_over_time" | "stddev_over_time"
+        | "stdvar_over_time" | "quantile_over_time" | "changes" | "resets" | "deriv"
+        | "predict_linear" | "irate" | "idelta" => {
+            // φ comes first for quantile_over_time; predict_linear's seconds come second.
+            let (range, arg) = match name {
+                "quantile_over_time" => (
+                    args.get(1).map(|b| b.as_ref()).ok_or("missing argument")?,
+                    scalar_arg(ev, args.first().map(|b| b.as_ref()))?,
+                ),
+                "predict_linear" => (
+                    first(args)?,
+                    scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?,
+                ),
+                _ => (first(args)?, 0.0),
+            };
+            let matrix = range_arg(ev, range)?.series;
             let keep_name = name == "last_over_time";
+            let t_ms = ev.t_ms();
             let out = matrix
                 .into_iter()
                 .filter_map(|(labels, points)| {
-                    let value = over_time(name, &points)?;
+                    let value = over_time::reduce(name, &points, arg, t_ms)?;
                     let labels = if keep_name {
                         labels
                     } else {
@@ -81,6 +174,212 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         }
         other => Err(format!("function `{other}` is not supported")),
     }
+}
+
+/// The date functions: each sample's value (or, without an argument, the evaluation time) read
+/// as seconds since the epoch, in UTC.
+fn date<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    name: &str,
+    args: &[Box<Expr>],
+) -> Result<Value, String> {
+    use chrono::{Datelike as _, Timelike as _};
+    let part = |secs: f64| -> f64 {
+        // Go converts with int64(f): towards zero; a value beyond any date gives NaN here.
+        if !secs.is_finite() {
+            return f64::NAN;
+        }
+        let Some(t) = chrono::DateTime::from_timestamp(secs.trunc() as i64, 0) else {
+            return f64::NAN;
+        };
+        f64::from(match name {
+            "minute" => t.minute(),
+            "hour" => t.hour(),
+            "day_of_week" => t.weekday().num_days_from_sunday(),
+            "day_of_month" => t.day(),
+            "day_of_year" => t.ordinal(),
+            "month" => t.month(),
+            "year" => return f64::from(t.year()),
+            _ => days_in_month(t.year(), t.month()),
+        })
+    };
+    let Some(arg) = args.first() else {
+        let now = (ev.t_ms().div_euclid(1000)) as f64;
+        return Ok(Value::Vector(vec![Sample {
+            labels: Labels::empty(),
+            value: part(now),
+        }]));
+    };
+    let Value::Vector(v) = ev.expr(arg)? else {
+        return Err(format!("{name} needs an instant vector"));
+    };
+    let out = v
+        .into_iter()
+        .map(|s| Sample {
+            labels: drop_name(&s.labels),
+            value: part(s.value),
+        })
+        .collect();
+    Ok(Value::Vector(unique(out)?))
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    match (
+        chrono::NaiveDate::from_ymd_opt(year, month, 1),
+        chrono::NaiveDate::from_ymd_opt(ny, nm, 1),
+    ) {
+        (Some(a), Some(b)) => u32::try_from((b - a).num_days()).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `timestamp(v)`: the time of each sample in seconds: a selector's samples keep the time they
+/// were taken at; any other expression's samples are at the evaluation time.
+fn timestamp<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Value, String> {
+    let mut inner = arg;
+    while let Expr::Paren(p) = inner {
+        inner = &p.expr;
+    }
+    if let Expr::VectorSelector(vs) = inner {
+        let out = ev
+            .instant_points(vs)
+            .into_iter()
+            .map(|(labels, p)| Sample {
+                labels: drop_name(&labels),
+                value: p.t_ms as f64 / 1000.0,
+            })
+            .collect();
+        return Ok(Value::Vector(unique(out)?));
+    }
+    let Value::Vector(v) = ev.expr(arg)? else {
+        return Err("timestamp needs an instant vector".into());
+    };
+    let t = ev.t_ms() as f64 / 1000.0;
+    let out = v
+        .into_iter()
+        .map(|s| Sample {
+            labels: drop_name(&s.labels),
+            value: t,
+        })
+        .collect();
+    Ok(Value::Vector(unique(out)?))
+}
+
+/// A string argument (a literal, possibly in parentheses).
+fn string_arg(args: &[Box<Expr>], i: usize) -> Result<&str, String> {
+    let mut e = args.get(i).map(|b| b.as_ref()).ok_or("missing argument")?;
+    while let Expr::Paren(p) = e {
+        e = &p.expr;
+    }
+    match e {
+        Expr::StringLiteral(s) => Ok(&s.val),
+        _ => Err("expected a string argument".into()),
+    }
+}
+
+/// Whether `name` is a valid label name (Prometheus's legacy rule, which label_replace and
+/// label_join check on their destination).
+pub(super) fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `labels` with `name` set to `value`, or removed when `value` is empty.
+fn set_label(labels: &Labels, name: &str, value: &str) -> Labels {
+    if value.is_empty() {
+        labels.retain(|k| k != name)
+    } else {
+        labels.retain_with(|k| k != name, &Labels::new([(name, value)]))
+    }
+}
+
+/// `label_replace(v, dst, replacement, src, regex)`: where the anchored regex matches the
+/// value of `src`, `dst` becomes the replacement with `$1`/`${name}` expanded (empty: removed).
+fn label_replace<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    args: &[Box<Expr>],
+) -> Result<Value, String> {
+    let (dst, replacement, src, regex) = (
+        string_arg(args, 1)?,
+        string_arg(args, 2)?,
+        string_arg(args, 3)?,
+        string_arg(args, 4)?,
+    );
+    let re = regex::Regex::new(&format!("^(?s:{regex})$"))
+        .map_err(|e| format!("invalid regular expression in label_replace(): {regex}: {e}"))?;
+    if !valid_label_name(dst) {
+        return Err(format!(
+            "invalid destination label name in label_replace(): {dst}"
+        ));
+    }
+    let Value::Vector(v) = ev.expr(first(args)?)? else {
+        return Err("label_replace needs an instant vector".into());
+    };
+    let out = v
+        .into_iter()
+        .map(|s| {
+            let value = s.labels.get(src).unwrap_or("");
+            let labels = match re.captures(value) {
+                Some(caps) => {
+                    let mut res = String::new();
+                    caps.expand(replacement, &mut res);
+                    set_label(&s.labels, dst, &res)
+                }
+                None => s.labels.clone(),
+            };
+            Sample {
+                labels,
+                value: s.value,
+            }
+        })
+        .collect();
+    Ok(Value::Vector(unique(out)?))
+}
+
+/// `label_join(v, dst, separator, src...)`: `dst` becomes the values of the `src` labels
+/// joined by the separator (a missing label is an empty value; an empty result removes `dst`).
+fn label_join<S: SeriesSource>(ev: &Evaluator<'_, S>, args: &[Box<Expr>]) -> Result<Value, String> {
+    let dst = string_arg(args, 1)?;
+    let sep = string_arg(args, 2)?;
+    let mut srcs = Vec::new();
+    for i in 3..args.len() {
+        let s = string_arg(args, i)?;
+        if !valid_label_name(s) && s != NAME {
+            return Err(format!("invalid source label name in label_join(): {s}"));
+        }
+        srcs.push(s);
+    }
+    if !valid_label_name(dst) {
+        return Err(format!(
+            "invalid destination label name in label_join(): {dst}"
+        ));
+    }
+    let Value::Vector(v) = ev.expr(first(args)?)? else {
+        return Err("label_join needs an instant vector".into());
+    };
+    let out = v
+        .into_iter()
+        .map(|s| {
+            let joined = srcs
+                .iter()
+                .map(|l| s.labels.get(l).unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(sep);
+            Sample {
+                labels: set_label(&s.labels, dst, &joined),
+                value: s.value,
+            }
+        })
+        .collect();
+    Ok(Value::Vector(unique(out)?))
 }
 
 /// Go's `math.Max`, which Prometheus's `clamp*` use: NaN in, NaN out (Rust's `f64::max`
@@ -218,35 +517,6 @@ fn extrapolated(
     Some(result * factor)
 }
 
-fn over_time(name: &str, points: &[Point]) -> Option<f64> {
-    let last = points.last()?;
-    Some(match name {
-        "count_over_time" => points.len() as f64,
-        "last_over_time" => last.v,
-        "min_over_time" => points
-            .iter()
-            .fold(f64::NAN, |m, p| if p.v < m || m.is_nan() { p.v } else { m }),
-        "max_over_time" => points
-            .iter()
-            .fold(f64::NAN, |m, p| if p.v > m || m.is_nan() { p.v } else { m }),
-        "sum_over_time" => {
-            let (mut sum, mut c) = (0.0, 0.0);
-            for p in points {
-                (sum, c) = kahan_inc(p.v, sum, c);
-            }
-            if sum.is_infinite() { sum } else { sum + c }
-        }
-        "avg_over_time" => {
-            let mut mean = Mean::default();
-            for p in points {
-                mean.add(p.v);
-            }
-            mean.value()
-        }
-        _ => return None,
-    })
-}
-
 /// `absent(v)`: nothing when `v` has samples, else one sample of value 1 whose labels are the
 /// equality matchers of the selector inside (a label named twice is left out).
 fn absent<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Value, String> {
@@ -256,6 +526,12 @@ fn absent<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Value, S
     if !v.is_empty() {
         return Ok(Value::Vector(Vec::new()));
     }
+    absent_labels(arg)
+}
+
+/// The one sample `absent` and `absent_over_time` return: value 1, labelled with the equality
+/// matchers of the selector inside `arg`.
+fn absent_labels(arg: &Expr) -> Result<Value, String> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(vs) = selector_in(arg) {
         let all = &vs.matchers.matchers;

@@ -4,19 +4,25 @@
 //!
 //! Owns what is supported: `check` refuses everything else, with the reason, before anything is
 //! evaluated, so an expression is either evaluated as Prometheus would or not accepted at all.
-//! Supported: number literals; unary minus; instant and range selectors with all four matchers
-//! and `offset`; arithmetic (`+ - * / % ^`), comparisons (with `bool`) and `and`/`or`/`unless`
-//! between scalars and vectors, with `on`/`ignoring` and `group_left`/`group_right`;
-//! `sum`/`avg`/`min`/`max`/`count` with `by`/`without`; `rate`, `increase`, `delta`,
-//! `avg/min/max/sum/count/last_over_time`, `abs`, `clamp`, `clamp_min`, `clamp_max`, `absent`,
-//! `time`, `vector`, `scalar`. Refused: `@`, subqueries, strings, other functions and
-//! aggregations.
+//! Supported: all of PromQL over float samples without a Prometheus feature flag, with
+//! Prometheus 3's semantics, except what is listed as refused: number and string literals
+//! (strings as function and `count_values` arguments); unary minus; instant and range
+//! selectors with all four matchers and `offset`; every binary operator with `bool`,
+//! `on`/`ignoring` and `group_left`/`group_right`; every aggregation (`sum avg min max count
+//! group stddev stdvar quantile topk bottomk count_values`, with `by`/`without`); every
+//! function over floats (`functions`, `over_time`, `histogram`). Refused, with the reason:
+//! `@`, subqueries, functions and aggregations behind Prometheus's
+//! `promql-experimental-functions` flag (`limitk`, `mad_over_time`, `sort_by_label`, ...), and
+//! the native-histogram functions (`histogram_count`, ...).
 //!
 //! Uses `sample::Labels` and `registry::Point`; nothing else of ours.
 
+mod aggregate;
 mod eval;
 mod functions;
+mod histogram;
 pub mod memory;
+mod over_time;
 
 use std::time::Duration;
 
@@ -271,30 +277,95 @@ impl Query {
     }
 }
 
-/// The functions we evaluate.
+/// The functions we evaluate: every function of PromQL over float samples that Prometheus
+/// offers without a feature flag.
 const FUNCTIONS: &[&str] = &[
-    "rate",
-    "increase",
-    "delta",
-    "avg_over_time",
-    "min_over_time",
-    "max_over_time",
-    "sum_over_time",
-    "count_over_time",
-    "last_over_time",
     "abs",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
     "absent",
-    "time",
-    "vector",
+    "absent_over_time",
+    "acos",
+    "acosh",
+    "asin",
+    "asinh",
+    "atan",
+    "atanh",
+    "avg_over_time",
+    "ceil",
+    "changes",
+    "clamp",
+    "clamp_max",
+    "clamp_min",
+    "cos",
+    "cosh",
+    "count_over_time",
+    "day_of_month",
+    "day_of_week",
+    "day_of_year",
+    "days_in_month",
+    "deg",
+    "delta",
+    "deriv",
+    "exp",
+    "floor",
+    "histogram_quantile",
+    "hour",
+    "idelta",
+    "increase",
+    "irate",
+    "label_join",
+    "label_replace",
+    "last_over_time",
+    "ln",
+    "log10",
+    "log2",
+    "max_over_time",
+    "min_over_time",
+    "minute",
+    "month",
+    "pi",
+    "predict_linear",
+    "present_over_time",
+    "quantile_over_time",
+    "rad",
+    "rate",
+    "resets",
+    "round",
     "scalar",
+    "sgn",
+    "sin",
+    "sinh",
+    "sort",
+    "sort_desc",
+    "sqrt",
+    "stddev_over_time",
+    "stdvar_over_time",
+    "sum_over_time",
+    "tan",
+    "tanh",
+    "time",
+    "timestamp",
+    "vector",
+    "year",
+];
+
+/// Functions that only read native histograms: over float samples Prometheus returns nothing,
+/// and native histograms are not collected here.
+/// Functions Prometheus keeps behind its `promql-experimental-functions` flag that the parser
+/// does not mark as experimental.
+const EXPERIMENTAL_FUNCTIONS: &[&str] = &["first_over_time"];
+
+const NATIVE_HISTOGRAM_FUNCTIONS: &[&str] = &[
+    "histogram_avg",
+    "histogram_count",
+    "histogram_fraction",
+    "histogram_stddev",
+    "histogram_stdvar",
+    "histogram_sum",
 ];
 
 /// Refuses what we do not evaluate, naming it.
 fn check(expr: &Expr) -> Result<(), String> {
-    use promql_parser::parser::token::{T_AVG, T_COUNT, T_MAX, T_MIN, T_SUM};
+    use promql_parser::parser::token::{T_LIMIT_RATIO, T_LIMITK};
     match expr {
         Expr::NumberLiteral(_) => Ok(()),
         Expr::StringLiteral(_) => Err("string literals are not supported".into()),
@@ -316,18 +387,32 @@ fn check(expr: &Expr) -> Result<(), String> {
         }
         Expr::Aggregate(a) => {
             let id = a.op.id();
-            if ![T_SUM, T_AVG, T_MIN, T_MAX, T_COUNT].contains(&id) {
+            if [T_LIMITK, T_LIMIT_RATIO].contains(&id) {
                 return Err(format!(
-                    "aggregation `{}` is not supported (sum, avg, min, max, count are)",
+                    "aggregation `{}` is behind a Prometheus feature flag (promql-experimental-functions) and is not offered",
                     a.op
                 ));
             }
-            if a.param.is_some() {
-                return Err(format!("aggregation `{}` takes no parameter", a.op));
+            if let Some(p) = &a.param
+                && !matches!(strip_parens(p), Expr::StringLiteral(_))
+            {
+                check(p)?;
             }
             check(&a.expr)
         }
         Expr::Call(c) => {
+            if c.func.experimental || EXPERIMENTAL_FUNCTIONS.contains(&c.func.name) {
+                return Err(format!(
+                    "function `{}` is behind a Prometheus feature flag (promql-experimental-functions) and is not offered",
+                    c.func.name
+                ));
+            }
+            if NATIVE_HISTOGRAM_FUNCTIONS.contains(&c.func.name) {
+                return Err(format!(
+                    "function `{}` reads native histograms, which are not supported",
+                    c.func.name
+                ));
+            }
             if !FUNCTIONS.contains(&c.func.name) {
                 return Err(format!(
                     "function `{}` is not supported (supported: {})",
@@ -336,11 +421,22 @@ fn check(expr: &Expr) -> Result<(), String> {
                 ));
             }
             for arg in &c.args.args {
-                check(arg)?;
+                // Strings are arguments of label_replace and label_join only (the parser
+                // checks which argument takes one).
+                if !matches!(strip_parens(arg), Expr::StringLiteral(_)) {
+                    check(arg)?;
+                }
             }
             Ok(())
         }
     }
+}
+
+fn strip_parens(mut e: &Expr) -> &Expr {
+    while let Expr::Paren(p) = e {
+        e = &p.expr;
+    }
+    e
 }
 
 fn selector(vs: &promql_parser::parser::VectorSelector) -> Result<(), String> {
@@ -404,11 +500,10 @@ mod tests {
     #[test]
     fn unsupported_parts_are_refused_with_the_reason() {
         for (text, why) in [
-            ("topk(3, x)", "aggregation `topk`"),
-            (
-                "histogram_quantile(0.9, x)",
-                "function `histogram_quantile`",
-            ),
+            ("limitk(3, x)", "feature flag"),
+            ("mad_over_time(x[5m])", "feature flag"),
+            ("first_over_time(x[5m])", "feature flag"),
+            ("histogram_count(x)", "native histograms"),
             ("x @ 100", "@ modifier"),
             ("max_over_time(x[5m:1m])", "subqueries"),
             ("x +", "invalid PromQL"),
@@ -417,6 +512,9 @@ mod tests {
             assert!(err.contains(why), "{text}: {err}");
         }
         assert!(Query::parse("sum by (job) (rate(x[5m])) > 0.8").is_ok());
+        assert!(Query::parse("histogram_quantile(0.95, sum by (le) (rate(x_bucket[5m])))").is_ok());
+        assert!(Query::parse(r#"label_replace(topk(3, x), "a", "$1", "b", "(.*)")"#).is_ok());
+        assert!(Query::parse(r#"count_values("v", x)"#).is_ok());
     }
 
     #[test]

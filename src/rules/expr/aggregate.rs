@@ -1,0 +1,355 @@
+//! The aggregation operators, as Prometheus computes them (`promql/engine.go`): `sum`, `avg`,
+//! `min`, `max`, `count`, `group`, `stddev`, `stdvar`, `quantile`, `topk`, `bottomk` and
+//! `count_values`, each with `by`/`without`. Groups are found by the hash of the labels they
+//! keep; a group's label set is built once, when it appears.
+//!
+//! Uses the evaluator (for the operand and the parameter), its `Mean` and `kahan_inc`, and
+//! `over_time::quantile`.
+
+use promql_parser::parser::token::{
+    T_AVG, T_BOTTOMK, T_COUNT, T_COUNT_VALUES, T_GROUP, T_MAX, T_MIN, T_QUANTILE, T_STDDEV,
+    T_STDVAR, T_SUM, T_TOPK,
+};
+use promql_parser::parser::{AggregateExpr, Expr, LabelModifier};
+use rustc_hash::FxHashMap as HashMap;
+
+use super::eval::{Evaluator, Mean, Sample, Value, kahan_inc};
+use super::{NAME, SeriesSource, over_time};
+use crate::sample::Labels;
+
+/// Evaluates one aggregation.
+pub(super) fn aggregate<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    a: &AggregateExpr,
+) -> Result<Value, String> {
+    let id = a.op.id();
+    let modifier = a.modifier.as_ref();
+    // The parameter is evaluated before the operand, as Prometheus does.
+    let param = match (&a.param, id) {
+        (Some(p), T_COUNT_VALUES) => Param::Label(string_param(p)?),
+        (Some(p), _) => match ev.expr(p)? {
+            Value::Scalar(v) => Param::Number(v),
+            _ => return Err(format!("`{}` needs a scalar parameter", a.op)),
+        },
+        (None, _) => Param::None,
+    };
+    let Value::Vector(input) = ev.expr(&a.expr)? else {
+        return Err(format!("`{}` needs an instant vector", a.op));
+    };
+    match (id, param) {
+        (T_TOPK | T_BOTTOMK, Param::Number(k)) => top_k(input, k, id == T_TOPK, modifier),
+        (T_COUNT_VALUES, Param::Label(label)) => count_values(input, &label, modifier),
+        (T_QUANTILE, Param::Number(q)) => {
+            let groups = group_by(input, modifier, |s| s.value);
+            Ok(Value::Vector(
+                groups
+                    .into_iter()
+                    .map(|(labels, mut values)| Sample {
+                        labels,
+                        value: over_time::quantile(q, &mut values),
+                    })
+                    .collect(),
+            ))
+        }
+        (_, Param::None) => {
+            let mut groups: Vec<(Labels, Group)> = Vec::new();
+            let mut index: HashMap<u64, usize> = HashMap::default();
+            for s in input {
+                let key = grouping_hash(&s.labels, modifier);
+                let i = *index.entry(key).or_insert_with(|| {
+                    groups.push((grouping(&s.labels, modifier), Group::default()));
+                    groups.len() - 1
+                });
+                groups[i].1.add(s.value);
+            }
+            let out = groups
+                .into_iter()
+                .map(|(labels, g)| {
+                    let value = match id {
+                        T_SUM => g.sum(),
+                        T_AVG => g.mean.value(),
+                        T_MIN => g.min,
+                        T_MAX => g.max,
+                        T_COUNT => g.count,
+                        T_GROUP => 1.0,
+                        T_STDVAR => g.var_sum / g.count,
+                        T_STDDEV => (g.var_sum / g.count).sqrt(),
+                        _ => f64::NAN,
+                    };
+                    Sample { labels, value }
+                })
+                .collect();
+            Ok(Value::Vector(out))
+        }
+        _ => Err(format!("`{}` is given the wrong kind of parameter", a.op)),
+    }
+}
+
+enum Param {
+    None,
+    Number(f64),
+    Label(String),
+}
+
+fn string_param(p: &Expr) -> Result<String, String> {
+    match p {
+        Expr::StringLiteral(s) => Ok(s.val.clone()),
+        Expr::Paren(inner) => string_param(&inner.expr),
+        _ => Err("count_values needs a string parameter".into()),
+    }
+}
+
+/// The values of each group, in the order the groups appear.
+fn group_by(
+    input: Vec<Sample>,
+    modifier: Option<&LabelModifier>,
+    value: impl Fn(&Sample) -> f64,
+) -> Vec<(Labels, Vec<f64>)> {
+    let mut groups: Vec<(Labels, Vec<f64>)> = Vec::new();
+    let mut index: HashMap<u64, usize> = HashMap::default();
+    for s in input {
+        let key = grouping_hash(&s.labels, modifier);
+        let i = *index.entry(key).or_insert_with(|| {
+            groups.push((grouping(&s.labels, modifier), Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(value(&s));
+    }
+    groups
+}
+
+/// `topk`/`bottomk`: the k largest (smallest) samples of each group, with their own labels.
+/// Kept in a heap exactly as Prometheus keeps it (Go's `container/heap`), so ties at the k-th
+/// place are broken as Prometheus breaks them; NaN ranks below every number either way.
+fn top_k(
+    mut input: Vec<Sample>,
+    k: f64,
+    top: bool,
+    modifier: Option<&LabelModifier>,
+) -> Result<Value, String> {
+    if k.is_nan() {
+        return Err("Parameter value is NaN".into());
+    }
+    if k < 1.0 {
+        return Ok(Value::Vector(Vec::new()));
+    }
+    // Truncated as Go's int64() does; no group holds more than the input anyway.
+    let k = if k >= input.len() as f64 {
+        input.len()
+    } else {
+        k as usize
+    };
+    // A selector's series come sorted by their labels, as Prometheus reads them from storage.
+    input.sort_by(|a, b| a.labels.cmp(&b.labels));
+    // `less(a, b)`: a belongs nearer the heap's root, the sample to give up first.
+    let less = |a: f64, b: f64| {
+        if top {
+            a < b || (a.is_nan() && !b.is_nan())
+        } else {
+            a > b || (a.is_nan() && !b.is_nan())
+        }
+    };
+    let mut heaps: Vec<Vec<Sample>> = Vec::new();
+    let mut index: HashMap<u64, usize> = HashMap::default();
+    for s in input {
+        let key = grouping_hash(&s.labels, modifier);
+        let i = *index.entry(key).or_insert_with(|| {
+            heaps.push(Vec::new());
+            heaps.len() - 1
+        });
+        let heap = &mut heaps[i];
+        if heap.len() < k {
+            heap.push(s);
+            let n = heap.len() - 1;
+            up(heap, n, &less);
+        } else if less(heap[0].value, s.value) {
+            heap[0] = s;
+            if !down(heap, 0, &less) {
+                up(heap, 0, &less);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for mut heap in heaps {
+        // Best first, as Prometheus returns them.
+        heap.sort_by(|a, b| {
+            if less(b.value, a.value) {
+                std::cmp::Ordering::Less
+            } else if less(a.value, b.value) {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+        out.extend(heap);
+    }
+    Ok(Value::Vector(out))
+}
+
+/// Go's `heap.up`.
+fn up(h: &mut [Sample], mut j: usize, less: &impl Fn(f64, f64) -> bool) {
+    while j > 0 {
+        let i = (j - 1) / 2;
+        if !less(h[j].value, h[i].value) {
+            break;
+        }
+        h.swap(i, j);
+        j = i;
+    }
+}
+
+/// Go's `heap.down`: whether the element moved.
+fn down(h: &mut [Sample], i0: usize, less: &impl Fn(f64, f64) -> bool) -> bool {
+    let n = h.len();
+    let mut i = i0;
+    loop {
+        let j1 = 2 * i + 1;
+        if j1 >= n {
+            break;
+        }
+        let mut j = j1;
+        if j1 + 1 < n && less(h[j1 + 1].value, h[j1].value) {
+            j = j1 + 1;
+        }
+        if !less(h[j].value, h[i].value) {
+            break;
+        }
+        h.swap(i, j);
+        i = j;
+    }
+    i > i0
+}
+
+/// `count_values("label", v)`: per group, how many samples have each value, the value written
+/// as Go's `strconv.FormatFloat(v, 'f', -1, 64)` into `label`.
+fn count_values(
+    input: Vec<Sample>,
+    label: &str,
+    modifier: Option<&LabelModifier>,
+) -> Result<Value, String> {
+    if !super::functions::valid_label_name(label) {
+        return Err(format!("invalid label name {label:?}"));
+    }
+    let mut groups: Vec<(Labels, f64)> = Vec::new();
+    let mut index: HashMap<Labels, usize> = HashMap::default();
+    let extra = |v: f64| {
+        let text = if v.is_nan() {
+            "NaN".to_owned()
+        } else if v == f64::INFINITY {
+            "+Inf".to_owned()
+        } else if v == f64::NEG_INFINITY {
+            "-Inf".to_owned()
+        } else {
+            format!("{v}")
+        };
+        Labels::new([(label, text)])
+    };
+    for s in input {
+        let with = s.labels.retain_with(|_| true, &extra(s.value));
+        // The value's label is always part of the group: added to `by`, never dropped by
+        // `without`.
+        let key = with.retain(|k| k == label || grouped(k, modifier));
+        let i = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push((key, 0.0));
+            groups.len() - 1
+        });
+        groups[i].1 += 1.0;
+    }
+    Ok(Value::Vector(
+        groups
+            .into_iter()
+            .map(|(labels, value)| Sample { labels, value })
+            .collect(),
+    ))
+}
+
+/// Running state of one aggregation group.
+#[derive(Debug)]
+struct Group {
+    sum: f64,
+    /// Kahan-Neumaier compensation, as Prometheus sums.
+    c: f64,
+    count: f64,
+    min: f64,
+    max: f64,
+    mean: Mean,
+    /// Welford's running mean and sum of squared deviations (stddev, stdvar).
+    var_mean: f64,
+    var_sum: f64,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Group {
+            sum: 0.0,
+            c: 0.0,
+            count: 0.0,
+            min: f64::NAN,
+            max: f64::NAN,
+            mean: Mean::default(),
+            var_mean: 0.0,
+            var_sum: 0.0,
+        }
+    }
+}
+
+impl Group {
+    fn add(&mut self, v: f64) {
+        self.mean.add(v);
+        (self.sum, self.c) = kahan_inc(v, self.sum, self.c);
+        self.count += 1.0;
+        // NaN loses to any number, as in Prometheus's min and max.
+        if v < self.min || self.min.is_nan() {
+            self.min = v;
+        }
+        if v > self.max || self.max.is_nan() {
+            self.max = v;
+        }
+        // The first value seeds the mean, as Prometheus does; a group of one NaN or infinite
+        // value has no variance.
+        if self.count == 1.0 {
+            self.var_mean = v;
+            self.var_sum = if v.is_finite() { 0.0 } else { f64::NAN };
+        } else {
+            let delta = v - self.var_mean;
+            self.var_mean += delta / self.count;
+            self.var_sum += delta * (v - self.var_mean);
+        }
+    }
+
+    fn sum(&self) -> f64 {
+        if self.sum.is_infinite() {
+            self.sum
+        } else {
+            self.sum + self.c
+        }
+    }
+}
+
+/// The group of a sample under `by`/`without` (no modifier: one group of everything).
+fn grouping(labels: &Labels, modifier: Option<&LabelModifier>) -> Labels {
+    match modifier {
+        None => Labels::empty(),
+        Some(_) => labels.retain(|k| grouped(k, modifier)),
+    }
+}
+
+/// Whether label `k` is part of a sample's group under `modifier`.
+fn grouped(k: &str, modifier: Option<&LabelModifier>) -> bool {
+    match modifier {
+        None => false,
+        Some(LabelModifier::Include(keep)) => keep.labels.iter().any(|l| l == k),
+        Some(LabelModifier::Exclude(drop)) => k != NAME && !drop.labels.iter().any(|l| l == k),
+    }
+}
+
+/// The hash of what `grouping` keeps of `labels`, without building it.
+fn grouping_hash(labels: &Labels, modifier: Option<&LabelModifier>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = crate::sample::hasher();
+    for (k, v) in labels.iter().filter(|(k, _)| grouped(k, modifier)) {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
