@@ -9,7 +9,8 @@ use promql_parser::parser::token::{
     T_MUL, T_NEQ, T_POW, T_SUB, TokenType,
 };
 use promql_parser::parser::{
-    BinModifier, BinaryExpr, Expr, LabelModifier, Offset, VectorMatchCardinality, VectorSelector,
+    AtModifier, BinModifier, BinaryExpr, Expr, LabelModifier, Offset, SubqueryExpr,
+    VectorMatchCardinality, VectorSelector,
 };
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
@@ -71,11 +72,22 @@ impl Memo {
     }
 }
 
+/// Series with their points in a window: what a range selector or a subquery gives.
+pub(super) type RangeSeries = Vec<(Labels, Vec<Point>)>;
+
+/// The resolution of a subquery that names none (`x[10m:]`): Prometheus's default global
+/// `evaluation_interval`, which is what its rule manager uses when none is configured.
+pub const DEFAULT_SUBQUERY_STEP: Duration = Duration::from_secs(60);
+
 /// Evaluates queries at one instant against one source.
 pub struct Evaluator<'a, S: SeriesSource> {
     source: &'a S,
     /// The evaluation time, in milliseconds since the epoch.
     t_ms: i64,
+    /// What `@ start()` and `@ end()` mean: the query's first and last instant (both the
+    /// evaluation time for a rule, as in Prometheus's rule manager).
+    start_ms: i64,
+    end_ms: i64,
     /// Shared results of this instant, when the caller evaluates many queries at it.
     memo: Option<&'a Memo>,
 }
@@ -86,6 +98,20 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         Evaluator {
             source,
             t_ms,
+            start_ms: t_ms,
+            end_ms: t_ms,
+            memo: None,
+        }
+    }
+
+    /// An evaluator at `t_ms`, one step of a range query from `start_ms` to `end_ms` (what
+    /// `@ start()` and `@ end()` refer to).
+    pub fn in_range(source: &'a S, t_ms: i64, start_ms: i64, end_ms: i64) -> Self {
+        Evaluator {
+            source,
+            t_ms,
+            start_ms,
+            end_ms,
             memo: None,
         }
     }
@@ -96,8 +122,68 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         Evaluator {
             source,
             t_ms: memo.t_ms,
+            start_ms: memo.t_ms,
+            end_ms: memo.t_ms,
             memo: Some(memo),
         }
+    }
+
+    /// The time an `@` modifier names, in ms (`None` without one).
+    pub(super) fn at_time(&self, at: Option<&AtModifier>) -> Option<i64> {
+        Some(match at? {
+            AtModifier::Start => self.start_ms,
+            AtModifier::End => self.end_ms,
+            AtModifier::At(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => ms(d),
+                Err(e) => -ms(e.duration()),
+            },
+        })
+    }
+
+    /// A subquery: its inner expression evaluated at every multiple of its step in
+    /// `(t - offset - range, t - offset]` (`t` the `@` time when it has one), each result series
+    /// a range of points, as Prometheus's engine does. Returns the series and the window's end.
+    pub(super) fn subquery(&self, sq: &SubqueryExpr) -> Result<(RangeSeries, i64), String> {
+        let base = self.at_time(sq.at.as_ref()).unwrap_or(self.t_ms);
+        let end = base - offset_ms(sq.offset.as_ref());
+        let range = ms(sq.range);
+        let step = sq
+            .step
+            .map(ms)
+            .filter(|s| *s > 0)
+            .unwrap_or(ms(DEFAULT_SUBQUERY_STEP));
+        // The first multiple of the step after the window's start (Go's division truncates
+        // towards zero, as Rust's does).
+        let lower = end - range;
+        let mut ts = step * (lower / step);
+        if ts <= lower {
+            ts += step;
+        }
+        let mut series: Vec<(Labels, Vec<Point>)> = Vec::new();
+        let mut index: HashMap<Labels, usize> = HashMap::default();
+        while ts <= end {
+            let inner = Evaluator::in_range(self.source, ts, self.start_ms, self.end_ms);
+            let samples = match inner.expr(&sq.expr)? {
+                Value::Vector(v) => v,
+                Value::Scalar(v) => vec![Sample {
+                    labels: Labels::empty(),
+                    value: v,
+                }],
+                Value::Matrix(_) => return Err("a subquery needs an instant expression".into()),
+            };
+            for s in samples {
+                let i = *index.entry(s.labels.clone()).or_insert_with(|| {
+                    series.push((s.labels.clone(), Vec::new()));
+                    series.len() - 1
+                });
+                series[i].1.push(Point {
+                    t_ms: ts,
+                    v: s.value,
+                });
+            }
+            ts += step;
+        }
+        Ok((series, end))
     }
 
     /// Evaluates `query`. Errors are Prometheus's run-time errors (such as a many-to-many match
@@ -154,6 +240,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             },
             Expr::VectorSelector(vs) => Ok(Value::Vector(self.instant(vs))),
             Expr::MatrixSelector(ms) => Ok(Value::Matrix(self.range(&ms.vs, ms.range))),
+            Expr::Subquery(sq) => Ok(Value::Matrix(self.subquery(sq)?.0)),
             Expr::Binary(b) => self.binary(b),
             Expr::Aggregate(a) => aggregate::aggregate(self, a),
             Expr::Call(c) => functions::call(self, c),
@@ -161,13 +248,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
         }
     }
 
-    /// The evaluation time shifted by the selector's offset.
+    /// The selector's time: its `@` time or the evaluation time, shifted by its offset.
     fn at(&self, vs: &VectorSelector) -> i64 {
-        match &vs.offset {
-            Some(Offset::Pos(d)) => self.t_ms - ms(*d),
-            Some(Offset::Neg(d)) => self.t_ms + ms(*d),
-            None => self.t_ms,
-        }
+        self.at_time(vs.at.as_ref()).unwrap_or(self.t_ms) - offset_ms(vs.offset.as_ref())
     }
 
     /// An instant selector: each series' newest sample in `(t - 5m, t]`, unless that sample is
@@ -296,6 +379,15 @@ pub(super) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
         c + ((inc - t) + sum)
     };
     (t, c)
+}
+
+/// An offset in ms (negative offsets look ahead).
+pub(super) fn offset_ms(offset: Option<&Offset>) -> i64 {
+    match offset {
+        Some(Offset::Pos(d)) => ms(*d),
+        Some(Offset::Neg(d)) => -ms(*d),
+        None => 0,
+    }
 }
 
 fn ms(d: Duration) -> i64 {

@@ -1,9 +1,9 @@
 //! The supported functions, each as Prometheus computes it (`promql/functions.go`).
 
 use promql_parser::label::MatchOp;
-use promql_parser::parser::{Call, Expr, Offset};
+use promql_parser::parser::{Call, Expr};
 
-use super::eval::{Evaluator, Sample, Value, drop_name, unique};
+use super::eval::{Evaluator, Sample, Value, drop_name, offset_ms, unique};
 use super::{NAME, SeriesSource, histogram, over_time};
 use crate::registry::Point;
 use crate::sample::Labels;
@@ -443,26 +443,34 @@ struct RangeArg {
     end: i64,
 }
 
-/// The range argument, with its length in seconds and the bounds of its window in ms.
+/// The range argument (a range selector or a subquery), with its length in seconds and the
+/// bounds of its window in ms.
 fn range_arg<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<RangeArg, String> {
-    let ms = match arg {
-        Expr::MatrixSelector(ms) => ms,
-        Expr::Paren(p) => return range_arg(ev, &p.expr),
-        _ => return Err("expected a range vector selector".into()),
-    };
-    let offset = match &ms.vs.offset {
-        Some(Offset::Pos(d)) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Some(Offset::Neg(d)) => -i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        None => 0,
-    };
-    let range_ms = i64::try_from(ms.range.as_millis()).unwrap_or(i64::MAX);
-    let end = ev.t_ms() - offset;
-    Ok(RangeArg {
-        series: ev.range(&ms.vs, ms.range),
-        range_s: ms.range.as_secs_f64(),
-        start: end - range_ms,
-        end,
-    })
+    match arg {
+        Expr::MatrixSelector(ms) => {
+            let range_ms = i64::try_from(ms.range.as_millis()).unwrap_or(i64::MAX);
+            let end = ev.at_time(ms.vs.at.as_ref()).unwrap_or(ev.t_ms())
+                - offset_ms(ms.vs.offset.as_ref());
+            Ok(RangeArg {
+                series: ev.range(&ms.vs, ms.range),
+                range_s: ms.range.as_secs_f64(),
+                start: end - range_ms,
+                end,
+            })
+        }
+        Expr::Subquery(sq) => {
+            let (series, end) = ev.subquery(sq)?;
+            let range_ms = i64::try_from(sq.range.as_millis()).unwrap_or(i64::MAX);
+            Ok(RangeArg {
+                series,
+                range_s: sq.range.as_secs_f64(),
+                start: end - range_ms,
+                end,
+            })
+        }
+        Expr::Paren(p) => range_arg(ev, &p.expr),
+        _ => Err("expected a range vector selector or a subquery".into()),
+    }
 }
 
 /// Prometheus's `extrapolatedRate`: the increase over the samples, corrected for counter resets,

@@ -10,8 +10,9 @@
 //! selectors with all four matchers and `offset`; every binary operator with `bool`,
 //! `on`/`ignoring` and `group_left`/`group_right`; every aggregation (`sum avg min max count
 //! group stddev stdvar quantile topk bottomk count_values`, with `by`/`without`); every
-//! function over floats (`functions`, `over_time`, `histogram`). Refused, with the reason:
-//! `@`, subqueries, functions and aggregations behind Prometheus's
+//! function over floats (`functions`, `over_time`, `histogram`); subqueries with their own or
+//! the default step; `@` with a time, `start()` or `end()`. Refused, with the reason:
+//! functions and aggregations behind Prometheus's
 //! `promql-experimental-functions` flag (`limitk`, `mad_over_time`, `sort_by_label`, ...), and
 //! the native-histogram functions (`histogram_count`, ...).
 //!
@@ -373,7 +374,7 @@ fn check(expr: &Expr) -> Result<(), String> {
         Expr::Unary(u) => check(&u.expr),
         Expr::VectorSelector(vs) => selector(vs),
         Expr::MatrixSelector(ms) => selector(&ms.vs),
-        Expr::Subquery(_) => Err("subqueries are not supported".into()),
+        Expr::Subquery(sq) => check(&sq.expr),
         Expr::Extension(_) => Err("extension expressions are not supported".into()),
         Expr::Binary(b) => {
             if b.modifier
@@ -440,9 +441,6 @@ fn strip_parens(mut e: &Expr) -> &Expr {
 }
 
 fn selector(vs: &promql_parser::parser::VectorSelector) -> Result<(), String> {
-    if vs.at.is_some() {
-        return Err("the @ modifier is not supported".into());
-    }
     if !vs.matchers.or_matchers.is_empty() {
         return Err("`or` inside a selector is not supported".into());
     }
@@ -465,6 +463,16 @@ fn leaves<'a>(
         }
         Expr::Aggregate(a) => leaves(&a.expr, out),
         Expr::Call(c) => c.args.args.iter().for_each(|a| leaves(a, out)),
+        // A subquery's selectors are read over its whole range.
+        Expr::Subquery(sq) => {
+            let mut inner = Vec::new();
+            leaves(&sq.expr, &mut inner);
+            out.extend(
+                inner
+                    .into_iter()
+                    .map(|(vs, r)| (vs, Some(r.unwrap_or_default() + sq.range))),
+            );
+        }
         _ => {}
     }
 }
@@ -482,6 +490,7 @@ fn reach(expr: &Expr) -> Duration {
         Expr::Unary(u) => reach(&u.expr),
         Expr::Binary(b) => reach(&b.lhs).max(reach(&b.rhs)),
         Expr::Aggregate(a) => reach(&a.expr),
+        Expr::Subquery(sq) => sq.range + offset(&sq.offset) + reach(&sq.expr),
         Expr::Call(c) => c
             .args
             .args
@@ -504,8 +513,6 @@ mod tests {
             ("mad_over_time(x[5m])", "feature flag"),
             ("first_over_time(x[5m])", "feature flag"),
             ("histogram_count(x)", "native histograms"),
-            ("x @ 100", "@ modifier"),
-            ("max_over_time(x[5m:1m])", "subqueries"),
             ("x +", "invalid PromQL"),
         ] {
             let err = Query::parse(text).unwrap_err();
@@ -515,6 +522,7 @@ mod tests {
         assert!(Query::parse("histogram_quantile(0.95, sum by (le) (rate(x_bucket[5m])))").is_ok());
         assert!(Query::parse(r#"label_replace(topk(3, x), "a", "$1", "b", "(.*)")"#).is_ok());
         assert!(Query::parse(r#"count_values("v", x)"#).is_ok());
+        assert!(Query::parse("max_over_time(rate(x[1m] @ end())[10m:30s] offset -1m)").is_ok());
     }
 
     #[test]
