@@ -36,6 +36,65 @@ fn families(step: i64) -> Vec<autotuner::sample::Family> {
     f.into_vec()
 }
 
+/// 10 request-latency histograms × 10 jobs × 8 buckets (800 series), cumulative counts growing
+/// with `step`.
+fn histograms(step: i64) -> Vec<autotuner::sample::Family> {
+    let mut f = Families::new();
+    let bounds = ["0.01", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "+Inf"];
+    for h in 0..10 {
+        let name = format!("latency_{h}_seconds_bucket");
+        for j in 0..10 {
+            let job = format!("job{j}");
+            for (b, le) in bounds.iter().enumerate() {
+                f.counter(
+                    &name,
+                    "bench",
+                    &[("job", &job), ("le", le)],
+                    (step * (b as i64 + 1) * (10 + h + j)) as f64,
+                );
+            }
+        }
+    }
+    f.into_vec()
+}
+
+/// The families above and the histograms, published at 0, 5 and 10 s.
+fn registry_with_histograms() -> Arc<Registry> {
+    let r = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+    for step in 0..3i64 {
+        let mut f = families(step);
+        f.extend(histograms(step));
+        r.publish("bench", f, step * 5_000);
+    }
+    r
+}
+
+/// 1,000 rules over the newer forms: 500 subqueries (`max_over_time(rate(...)[10s:5s])` over
+/// the 100 counters) and 500 P90 latencies by job from the histograms, thresholds differing.
+fn subquery_histogram_rules() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("groups:\n  - name: bench\n    interval: 1s\n    rules:\n");
+    for k in 0..1000 {
+        let t = k / 100;
+        let expr = if k % 2 == 0 {
+            format!(
+                "max_over_time(rate(metric_{}_total[10s])[10s:5s]) > {t}",
+                (k / 2) % 100
+            )
+        } else {
+            format!(
+                "histogram_quantile(0.9, sum by (le, job) (rate(latency_{}_seconds_bucket[10s]))) > 0.{t}",
+                (k / 2) % 10
+            )
+        };
+        text.push_str(&format!(
+            "      - name: R{k}\n        expr: '{expr}'\n        for: 1m\n"
+        ));
+    }
+    std::fs::write(dir.path().join("bench.yml"), text).unwrap();
+    dir
+}
+
 /// The families above published at 0, 5 and 10 s.
 fn registry() -> Arc<Registry> {
     let r = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
@@ -147,6 +206,19 @@ fn bench(c: &mut Criterion) {
         assert!(engine.status().iter().all(|r| r.last_error.is_none()));
         c.bench_function(
             &format!("rule tick: 1,000 rules over 10,000 series, {what}"),
+            |b| b.iter(|| black_box(engine.tick_all(10_000))),
+        );
+    }
+    {
+        let registry = registry_with_histograms();
+        let dir = subquery_histogram_rules();
+        let (tx, _rx) = tokio::sync::mpsc::channel(100_000);
+        let engine = Engine::new(registry.clone(), dir.path().to_path_buf(), None, tx).unwrap();
+        assert_eq!(engine.status().len(), 1000);
+        engine.tick_all(10_000);
+        assert!(engine.status().iter().all(|r| r.last_error.is_none()));
+        c.bench_function(
+            "rule tick: 1,000 rules over 10,800 series, subqueries and histogram_quantile",
             |b| b.iter(|| black_box(engine.tick_all(10_000))),
         );
     }

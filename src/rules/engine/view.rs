@@ -9,9 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::{Arc, PoisonError};
 
-use rustc_hash::FxHashMap as HashMap;
-
-use super::{Engine, Loaded, Runtime};
+use super::{Engine, Loaded};
 use crate::rules::compile::Rule;
 use crate::rules::expr::{Evaluator, Value};
 use crate::rules::file::Mode;
@@ -172,10 +170,9 @@ impl Engine {
     pub fn status(&self) -> Vec<RuleStatus> {
         let view = self.view();
         let modes = self.modes().clone();
-        view.statuses
-            .iter()
-            .map(|s| {
-                let mut s = s.clone();
+        statuses(&view.rules, &view.runtime)
+            .into_iter()
+            .map(|mut s| {
                 if let Some(m) = modes.mode_of(&s.name) {
                     s.mode = m;
                 }
@@ -204,9 +201,27 @@ impl Engine {
                 .iter()
                 .cloned(),
         );
+        // Only what changes is copied (label sets are shared): the API builds its answer from
+        // it when asked, so a tick does not pay for formatting every rule's status.
+        let runtime = inner
+            .rules
+            .iter()
+            .map(|r| {
+                inner.runtime.get(&r.name).map(|rt| RawStatus {
+                    instances: rt
+                        .instances
+                        .iter()
+                        .map(|(l, (st, v))| (l.clone(), *st, *v))
+                        .collect(),
+                    last_error: rt.last_error.clone(),
+                    last_evaluation_ms: rt.last_evaluation_ms,
+                    evaluation_seconds: rt.evaluation_seconds,
+                })
+            })
+            .collect();
         let view = View {
             rules: inner.rules.clone(),
-            statuses: statuses(&inner.rules, &inner.runtime),
+            runtime,
             reload,
         };
         *self.view.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
@@ -218,21 +233,30 @@ impl Engine {
 pub(super) struct View {
     /// The loaded rules (for `explain`, and to tell whether a rule exists).
     pub(super) rules: Arc<Vec<Rule>>,
-    /// Each rule's status, with the mode its file gives it.
-    statuses: Vec<RuleStatus>,
+    /// Each rule's evaluation state, in the order of `rules` (`None`: never evaluated).
+    runtime: Vec<Option<RawStatus>>,
     reload: ReloadStatus,
 }
 
-fn statuses(rules: &[Rule], runtime: &HashMap<String, Runtime>) -> Vec<RuleStatus> {
+/// A rule's evaluation state as a tick left it.
+struct RawStatus {
+    instances: Vec<(Labels, State, f64)>,
+    last_error: Option<String>,
+    last_evaluation_ms: Option<i64>,
+    evaluation_seconds: f64,
+}
+
+fn statuses(rules: &[Rule], runtime: &[Option<RawStatus>]) -> Vec<RuleStatus> {
     rules
         .iter()
-        .map(|r| {
-            let rt = runtime.get(&r.name);
+        .zip(runtime)
+        .map(|(r, rt)| {
+            let rt = rt.as_ref();
             let mut instances: Vec<Instance> = rt
                 .map(|rt| {
                     rt.instances
                         .iter()
-                        .map(|(l, (s, v))| instance(l, *s, *v))
+                        .map(|(l, s, v)| instance(l, *s, *v))
                         .collect()
                 })
                 .unwrap_or_default();

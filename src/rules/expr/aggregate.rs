@@ -54,13 +54,15 @@ pub(super) fn aggregate<S: SeriesSource>(
         (_, Param::None) => {
             let mut groups: Vec<(Labels, Group)> = Vec::new();
             let mut index: HashMap<u64, usize> = HashMap::default();
+            // Only stddev and stdvar pay for the running variance (a division per sample).
+            let variance = matches!(id, T_STDDEV | T_STDVAR);
             for s in input {
                 let key = grouping_hash(&s.labels, modifier);
                 let i = *index.entry(key).or_insert_with(|| {
                     groups.push((grouping(&s.labels, modifier), Group::default()));
                     groups.len() - 1
                 });
-                groups[i].1.add(s.value);
+                groups[i].1.add(s.value, variance);
             }
             let out = groups
                 .into_iter()
@@ -294,7 +296,7 @@ impl Default for Group {
 }
 
 impl Group {
-    fn add(&mut self, v: f64) {
+    fn add(&mut self, v: f64, variance: bool) {
         self.mean.add(v);
         (self.sum, self.c) = kahan_inc(v, self.sum, self.c);
         self.count += 1.0;
@@ -307,6 +309,9 @@ impl Group {
         }
         // The first value seeds the mean, as Prometheus does; a group of one NaN or infinite
         // value has no variance.
+        if !variance {
+            return;
+        }
         if self.count == 1.0 {
             self.var_mean = v;
             self.var_sum = if v.is_finite() { 0.0 } else { f64::NAN };
