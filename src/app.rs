@@ -70,7 +70,7 @@ impl Verifier for RegistryVerifier {
                     .filter(|(k, _)| *k != NAME)
                     .all(|(k, v)| labels.get(k).is_none_or(|mine| mine == v))
             }),
-            Value::Matrix(_) => {
+            Value::Matrix(_) | Value::String(_) => {
                 return Err("a verification condition must be an instant vector".into());
             }
         })
@@ -82,7 +82,9 @@ impl Verifier for RegistryVerifier {
         match Evaluator::new(self.0.as_ref(), collect::now_ms()).eval(&query)? {
             Value::Scalar(x) => Ok(Some(x)),
             Value::Vector(v) => Ok(v.first().map(|s| s.value)),
-            Value::Matrix(_) => Err("a value must be an instant vector or a scalar".into()),
+            Value::Matrix(_) | Value::String(_) => {
+                Err("a value must be an instant vector or a scalar".into())
+            }
         }
     }
 }

@@ -234,7 +234,9 @@ fn run_group(group: &TestGroup, ctx: &Ctx<'_>, failures: &mut Vec<String>) -> Re
         let got: Vec<(Labels, f64)> = match Evaluator::new(&series, at).eval(&query)? {
             Value::Scalar(v) => vec![(Labels::empty(), v)],
             Value::Vector(v) => v.into_iter().map(|s| (s.labels, s.value)).collect(),
-            Value::Matrix(_) => return Err(format!("{}: a range vector", t.expr)),
+            Value::Matrix(_) | Value::String(_) => {
+                return Err(format!("{}: not an instant vector or a scalar", t.expr));
+            }
         };
         let mut want = Vec::new();
         for e in &t.exp_samples {

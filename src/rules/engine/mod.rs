@@ -532,7 +532,9 @@ fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> 
         } else {
             HashMap::default()
         }),
-        Value::Matrix(_) => Err("the condition evaluates to a range vector".into()),
+        Value::Matrix(_) | Value::String(_) => {
+            Err("the condition evaluates to a range vector or a string".into())
+        }
     }
 }
 

@@ -134,7 +134,7 @@ impl Engine {
                         value: s.value,
                     })
                     .collect(),
-                Value::Matrix(_) => Vec::new(),
+                Value::Matrix(_) | Value::String(_) => Vec::new(),
             });
             match result {
                 Ok(samples) => Part {

@@ -34,8 +34,11 @@ pub enum Value {
     Scalar(f64),
     /// An instant vector.
     Vector(Vec<Sample>),
-    /// A range vector: each series' points within the range (only as a function argument).
+    /// A range vector: each series' points within the range (a function's argument, or a
+    /// query's answer, never a condition's).
     Matrix(Vec<(Labels, Vec<Point>)>),
+    /// A string (a function's argument, or a query's answer, never a condition's).
+    String(String),
 }
 
 /// The instant vectors computed during one rule-engine tick, by expression text: rules often
@@ -169,7 +172,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
                     labels: Labels::empty(),
                     value: v,
                 }],
-                Value::Matrix(_) => return Err("a subquery needs an instant expression".into()),
+                Value::Matrix(_) | Value::String(_) => {
+                    return Err("a subquery needs an instant expression".into());
+                }
             };
             for s in samples {
                 let i = *index.entry(s.labels.clone()).or_insert_with(|| {
@@ -191,8 +196,15 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
     pub fn eval(&self, query: &Query) -> Result<Value, String> {
         match self.expr(query.expr())? {
             Value::Matrix(_) => Err("a range vector cannot be the result of a condition".into()),
+            Value::String(_) => Err("a string cannot be the result of a condition".into()),
             v => Ok(v),
         }
+    }
+
+    /// Evaluates `query` as Prometheus's query API would: a range vector or a string is an
+    /// answer too.
+    pub fn query(&self, query: &Query) -> Result<Value, String> {
+        self.expr(query.expr())
     }
 
     pub(super) fn t_ms(&self) -> i64 {
@@ -225,6 +237,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
     fn compute(&self, expr: &Expr) -> Result<Value, String> {
         match expr {
             Expr::NumberLiteral(n) => Ok(Value::Scalar(n.val)),
+            Expr::StringLiteral(s) => Ok(Value::String(s.val.clone())),
             Expr::Paren(p) => self.expr(&p.expr),
             Expr::Unary(u) => match self.expr(&u.expr)? {
                 Value::Scalar(v) => Ok(Value::Scalar(-v)),
@@ -236,7 +249,9 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
                         })
                         .collect(),
                 )?)),
-                Value::Matrix(_) => Err("unary minus needs a scalar or an instant vector".into()),
+                Value::Matrix(_) | Value::String(_) => {
+                    Err("unary minus needs a scalar or an instant vector".into())
+                }
             },
             Expr::VectorSelector(vs) => Ok(Value::Vector(self.instant(vs))),
             Expr::MatrixSelector(ms) => Ok(Value::Matrix(self.range(&ms.vs, ms.range))),

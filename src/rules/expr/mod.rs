@@ -144,6 +144,22 @@ pub struct Query {
 impl Query {
     /// Parses and checks an expression: `Err` says why it cannot be evaluated.
     pub fn parse(text: &str) -> Result<Query, String> {
+        let query = Query::parse_query(text)?;
+        use promql_parser::parser::value::ValueType;
+        match query.expr.value_type() {
+            ValueType::Matrix => Err(
+                "a condition must be an instant vector or a scalar, not a range vector (wrap it in a function such as rate or max_over_time)".into(),
+            ),
+            ValueType::String => {
+                Err("a condition must be an instant vector or a scalar, not a string".into())
+            }
+            _ => Ok(query),
+        }
+    }
+
+    /// Parses any query Prometheus's query API answers, range vectors and strings included
+    /// (what a condition cannot be), refusing what we do not evaluate with the reason.
+    pub fn parse_query(text: &str) -> Result<Query, String> {
         let expr = parser::parse(text).map_err(|e| format!("invalid PromQL: {e}"))?;
         check(&expr)?;
         Ok(Query {
@@ -369,7 +385,8 @@ fn check(expr: &Expr) -> Result<(), String> {
     use promql_parser::parser::token::{T_LIMIT_RATIO, T_LIMITK};
     match expr {
         Expr::NumberLiteral(_) => Ok(()),
-        Expr::StringLiteral(_) => Err("string literals are not supported".into()),
+        // Where a string may stand, the parser has checked.
+        Expr::StringLiteral(_) => Ok(()),
         Expr::Paren(p) => check(&p.expr),
         Expr::Unary(u) => check(&u.expr),
         Expr::VectorSelector(vs) => selector(vs),
@@ -522,6 +539,11 @@ mod tests {
         assert!(Query::parse("histogram_quantile(0.95, sum by (le) (rate(x_bucket[5m])))").is_ok());
         assert!(Query::parse(r#"label_replace(topk(3, x), "a", "$1", "b", "(.*)")"#).is_ok());
         assert!(Query::parse(r#"count_values("v", x)"#).is_ok());
+        // A condition is an instant vector or a scalar; a query may answer anything.
+        for (text, why) in [("x[5m]", "not a range vector"), (r#""foo""#, "not a string")] {
+            assert!(Query::parse(text).unwrap_err().contains(why), "{text}");
+            assert!(Query::parse_query(text).is_ok(), "{text}");
+        }
         assert!(Query::parse("max_over_time(rate(x[1m] @ end())[10m:30s] offset -1m)").is_ok());
     }
 
