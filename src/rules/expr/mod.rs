@@ -540,7 +540,10 @@ mod tests {
         assert!(Query::parse(r#"label_replace(topk(3, x), "a", "$1", "b", "(.*)")"#).is_ok());
         assert!(Query::parse(r#"count_values("v", x)"#).is_ok());
         // A condition is an instant vector or a scalar; a query may answer anything.
-        for (text, why) in [("x[5m]", "not a range vector"), (r#""foo""#, "not a string")] {
+        for (text, why) in [
+            ("x[5m]", "not a range vector"),
+            (r#""foo""#, "not a string"),
+        ] {
             assert!(Query::parse(text).unwrap_err().contains(why), "{text}");
             assert!(Query::parse_query(text).is_ok(), "{text}");
         }
