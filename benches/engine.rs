@@ -192,35 +192,32 @@ fn bench(c: &mut Criterion) {
         &format!("render /metrics: a real scrape of {n} series"),
         |b| b.iter(|| black_box(real.render().len())),
     );
-    for (shared, what) in [
-        (true, "rules sharing selections"),
-        (false, "every selection distinct"),
+    for (registry, dir, what) in [
+        (
+            registry(),
+            rules_dir(true),
+            "1,000 rules over 10,000 series, rules sharing selections",
+        ),
+        (
+            registry(),
+            rules_dir(false),
+            "1,000 rules over 10,000 series, every selection distinct",
+        ),
+        (
+            registry_with_histograms(),
+            subquery_histogram_rules(),
+            "1,000 rules over 10,800 series, subqueries and histogram_quantile",
+        ),
     ] {
         // Each engine registers its own metrics: a registry apiece.
-        let registry = registry();
-        let dir = rules_dir(shared);
         let (tx, _rx) = tokio::sync::mpsc::channel(100_000);
         let engine = Engine::new(registry.clone(), dir.path().to_path_buf(), None, tx).unwrap();
         assert_eq!(engine.status().len(), 1000);
         engine.tick_all(10_000);
         assert!(engine.status().iter().all(|r| r.last_error.is_none()));
-        c.bench_function(
-            &format!("rule tick: 1,000 rules over 10,000 series, {what}"),
-            |b| b.iter(|| black_box(engine.tick_all(10_000))),
-        );
-    }
-    {
-        let registry = registry_with_histograms();
-        let dir = subquery_histogram_rules();
-        let (tx, _rx) = tokio::sync::mpsc::channel(100_000);
-        let engine = Engine::new(registry.clone(), dir.path().to_path_buf(), None, tx).unwrap();
-        assert_eq!(engine.status().len(), 1000);
-        engine.tick_all(10_000);
-        assert!(engine.status().iter().all(|r| r.last_error.is_none()));
-        c.bench_function(
-            "rule tick: 1,000 rules over 10,800 series, subqueries and histogram_quantile",
-            |b| b.iter(|| black_box(engine.tick_all(10_000))),
-        );
+        c.bench_function(&format!("rule tick: {what}"), |b| {
+            b.iter(|| black_box(engine.tick_all(10_000)))
+        });
     }
     // A collector's families are encoded when it publishes them and a scrape copies the
     // encoded text: both halves are measured, for 10,000 series.

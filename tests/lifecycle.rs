@@ -217,14 +217,7 @@ async fn the_harness_starts_the_binary_without_the_shipped_rules() {
     // is skipped at load with a warning at that action, as docs/rules.md says, and the other
     // three run.
     assert_eq!(s.value("autotuner_rules_loaded", &[]), Some(3.0));
-    let body: serde_json::Value = common::client()
-        .get(app.url("/api/v1/rules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = app.get_json("/api/v1/rules").await;
     let warnings = body["data"]["reload"]["warnings"].as_array().unwrap();
     let skipped: Vec<&str> = warnings
         .iter()

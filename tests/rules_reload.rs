@@ -20,14 +20,7 @@ fn save(dir: &Path, name: &str, text: &str) {
 }
 
 async fn rules(app: &Autotuner) -> serde_json::Value {
-    client()
-        .get(app.url("/api/v1/rules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json("/api/v1/rules").await
 }
 
 async fn rules_until(

@@ -145,6 +145,18 @@ impl Autotuner {
         Scrape::parse(&text)
     }
 
+    /// GETs `path` and parses the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Sends SIGTERM and waits for the exit, at most `limit`.
     pub fn terminate(&mut self, limit: Duration) -> (Option<ExitStatus>, Duration) {
         let started = Instant::now();
