@@ -14,7 +14,7 @@ use promql_parser::parser::{AggregateExpr, Expr, LabelModifier};
 use rustc_hash::FxHashMap as HashMap;
 
 use super::eval::{Evaluator, Mean, Sample, Value, kahan_inc};
-use super::{NAME, SeriesSource, over_time};
+use super::{NAME, SeriesSource, over_time, strip_parens};
 use crate::sample::Labels;
 
 /// Evaluates one aggregation.
@@ -40,9 +40,13 @@ pub(super) fn aggregate<S: SeriesSource>(
         (T_TOPK | T_BOTTOMK, Param::Number(k)) => top_k(input, k, id == T_TOPK, modifier),
         (T_COUNT_VALUES, Param::Label(label)) => count_values(input, &label, modifier),
         (T_QUANTILE, Param::Number(q)) => {
-            let groups = group_by(input, modifier, |s| s.value);
+            let mut groups: Groups<Vec<f64>> = Groups::default();
+            for s in input {
+                groups.of(&s.labels, modifier).push(s.value);
+            }
             Ok(Value::Vector(
                 groups
+                    .list
                     .into_iter()
                     .map(|(labels, mut values)| Sample {
                         labels,
@@ -52,19 +56,14 @@ pub(super) fn aggregate<S: SeriesSource>(
             ))
         }
         (_, Param::None) => {
-            let mut groups: Vec<(Labels, Group)> = Vec::new();
-            let mut index: HashMap<u64, usize> = HashMap::default();
+            let mut groups: Groups<Group> = Groups::default();
             // Only stddev and stdvar pay for the running variance (a division per sample).
             let variance = matches!(id, T_STDDEV | T_STDVAR);
             for s in input {
-                let key = grouping_hash(&s.labels, modifier);
-                let i = *index.entry(key).or_insert_with(|| {
-                    groups.push((grouping(&s.labels, modifier), Group::default()));
-                    groups.len() - 1
-                });
-                groups[i].1.add(s.value, variance);
+                groups.of(&s.labels, modifier).add(s.value, variance);
             }
             let out = groups
+                .list
                 .into_iter()
                 .map(|(labels, g)| {
                     let value = match id {
@@ -94,30 +93,41 @@ enum Param {
 }
 
 fn string_param(p: &Expr) -> Result<String, String> {
-    match p {
+    match strip_parens(p) {
         Expr::StringLiteral(s) => Ok(s.val.clone()),
-        Expr::Paren(inner) => string_param(&inner.expr),
         _ => Err("count_values needs a string parameter".into()),
     }
 }
 
-/// The values of each group, in the order the groups appear.
-fn group_by(
-    input: Vec<Sample>,
-    modifier: Option<&LabelModifier>,
-    value: impl Fn(&Sample) -> f64,
-) -> Vec<(Labels, Vec<f64>)> {
-    let mut groups: Vec<(Labels, Vec<f64>)> = Vec::new();
-    let mut index: HashMap<u64, usize> = HashMap::default();
-    for s in input {
-        let key = grouping_hash(&s.labels, modifier);
-        let i = *index.entry(key).or_insert_with(|| {
-            groups.push((grouping(&s.labels, modifier), Vec::new()));
-            groups.len() - 1
-        });
-        groups[i].1.push(value(&s));
+/// Aggregation groups in the order they appear, found by the hash of the labels they keep (as
+/// Prometheus does): a group's label set is built once, when it appears.
+struct Groups<T> {
+    list: Vec<(Labels, T)>,
+    index: HashMap<u64, usize>,
+}
+
+impl<T> Default for Groups<T> {
+    fn default() -> Self {
+        Groups {
+            list: Vec::new(),
+            index: HashMap::default(),
+        }
     }
-    groups
+}
+
+impl<T: Default> Groups<T> {
+    /// The state of the group `labels` belongs to under `modifier`, new when it is the first.
+    fn of(&mut self, labels: &Labels, modifier: Option<&LabelModifier>) -> &mut T {
+        let list = &mut self.list;
+        let i = *self
+            .index
+            .entry(grouping_hash(labels, modifier))
+            .or_insert_with(|| {
+                list.push((grouping(labels, modifier), T::default()));
+                list.len() - 1
+            });
+        &mut list[i].1
+    }
 }
 
 /// `topk`/`bottomk`: the k largest (smallest) samples of each group, with their own labels.
@@ -131,6 +141,10 @@ fn top_k(
 ) -> Result<Value, String> {
     if k.is_nan() {
         return Err("Parameter value is NaN".into());
+    }
+    // Prometheus refuses what int64 cannot hold (2^63 and beyond).
+    if k >= 9_223_372_036_854_775_808.0 {
+        return Err(format!("Scalar value {k} overflows int64"));
     }
     if k < 1.0 {
         return Ok(Value::Vector(Vec::new()));
@@ -151,15 +165,9 @@ fn top_k(
             a > b || (a.is_nan() && !b.is_nan())
         }
     };
-    let mut heaps: Vec<Vec<Sample>> = Vec::new();
-    let mut index: HashMap<u64, usize> = HashMap::default();
+    let mut heaps: Groups<Vec<Sample>> = Groups::default();
     for s in input {
-        let key = grouping_hash(&s.labels, modifier);
-        let i = *index.entry(key).or_insert_with(|| {
-            heaps.push(Vec::new());
-            heaps.len() - 1
-        });
-        let heap = &mut heaps[i];
+        let heap = heaps.of(&s.labels, modifier);
         if heap.len() < k {
             heap.push(s);
             let n = heap.len() - 1;
@@ -172,7 +180,7 @@ fn top_k(
         }
     }
     let mut out = Vec::new();
-    for mut heap in heaps {
+    for (_, mut heap) in heaps.list {
         // Best first, as Prometheus returns them.
         heap.sort_by(|a, b| {
             if less(b.value, a.value) {
@@ -223,15 +231,12 @@ fn down(h: &mut [Sample], i0: usize, less: &impl Fn(f64, f64) -> bool) -> bool {
 }
 
 /// `count_values("label", v)`: per group, how many samples have each value, the value written
-/// as Go's `strconv.FormatFloat(v, 'f', -1, 64)` into `label`.
+/// as Go's `strconv.FormatFloat(v, 'f', -1, 64)` into `label` (a valid name: checked at load).
 fn count_values(
     input: Vec<Sample>,
     label: &str,
     modifier: Option<&LabelModifier>,
 ) -> Result<Value, String> {
-    if !super::functions::valid_label_name(label) {
-        return Err(format!("invalid label name {label:?}"));
-    }
     let mut groups: Vec<(Labels, f64)> = Vec::new();
     let mut index: HashMap<Labels, usize> = HashMap::default();
     let extra = |v: f64| {
@@ -248,9 +253,10 @@ fn count_values(
     };
     for s in input {
         let with = s.labels.retain_with(|_| true, &extra(s.value));
-        // The value's label is always part of the group: added to `by`, never dropped by
-        // `without`.
-        let key = with.retain(|k| k == label || grouped(k, modifier));
+        // The value's label is added to `by` (and is the whole group with no modifier); under
+        // `without` it is kept unless the list names it, as Prometheus does.
+        let without = matches!(modifier, Some(LabelModifier::Exclude(_)));
+        let key = with.retain(|k| grouped(k, modifier) || (k == label && !without));
         let i = *index.entry(key.clone()).or_insert_with(|| {
             groups.push((key, 0.0));
             groups.len() - 1

@@ -148,7 +148,7 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
     /// a range of points, as Prometheus's engine does. Returns the series and the window's end.
     pub(super) fn subquery(&self, sq: &SubqueryExpr) -> Result<(RangeSeries, i64), String> {
         let base = self.at_time(sq.at.as_ref()).unwrap_or(self.t_ms);
-        let end = base - offset_ms(sq.offset.as_ref());
+        let end = base.saturating_sub(offset_ms(sq.offset.as_ref()));
         let range = ms(sq.range);
         let step = sq
             .step
@@ -157,10 +157,10 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             .unwrap_or(ms(DEFAULT_SUBQUERY_STEP));
         // The first multiple of the step after the window's start (Go's division truncates
         // towards zero, as Rust's does).
-        let lower = end - range;
+        let lower = end.saturating_sub(range);
         let mut ts = step * (lower / step);
         if ts <= lower {
-            ts += step;
+            ts = ts.saturating_add(step);
         }
         let mut series: Vec<(Labels, Vec<Point>)> = Vec::new();
         let mut index: HashMap<Labels, usize> = HashMap::default();
@@ -186,7 +186,11 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
                     v: s.value,
                 });
             }
-            ts += step;
+            // Saturated at the end of time: nothing further to evaluate.
+            match ts.checked_add(step) {
+                Some(next) => ts = next,
+                None => break,
+            }
         }
         Ok((series, end))
     }
@@ -265,35 +269,34 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
 
     /// The selector's time: its `@` time or the evaluation time, shifted by its offset.
     fn at(&self, vs: &VectorSelector) -> i64 {
-        self.at_time(vs.at.as_ref()).unwrap_or(self.t_ms) - offset_ms(vs.offset.as_ref())
+        self.at_time(vs.at.as_ref())
+            .unwrap_or(self.t_ms)
+            .saturating_sub(offset_ms(vs.offset.as_ref()))
     }
 
     /// An instant selector: each series' newest sample in `(t - 5m, t]`, unless that sample is
     /// a stale marker (the series ended).
     pub(super) fn instant(&self, vs: &VectorSelector) -> Vec<Sample> {
-        let t = self.at(vs);
-        let start = t - ms(LOOKBACK) + 1;
-        self.source
-            .select_last(&matchers(vs), start, t)
-            .into_iter()
-            .filter_map(|(labels, last)| {
-                (!is_stale_marker(last.v)).then_some(Sample {
-                    labels,
-                    value: last.v,
-                })
+        self.newest(vs)
+            .map(|(labels, last)| Sample {
+                labels,
+                value: last.v,
             })
             .collect()
     }
 
-    /// An instant selector's samples with the time each was taken at (for `timestamp`).
+    /// The same samples with the time each was taken at (for `timestamp`).
     pub(super) fn instant_points(&self, vs: &VectorSelector) -> Vec<(Labels, Point)> {
+        self.newest(vs).collect()
+    }
+
+    fn newest(&self, vs: &VectorSelector) -> impl Iterator<Item = (Labels, Point)> {
         let t = self.at(vs);
         let start = t - ms(LOOKBACK) + 1;
         self.source
             .select_last(&matchers(vs), start, t)
             .into_iter()
             .filter(|(_, last)| !is_stale_marker(last.v))
-            .collect()
     }
 
     /// A range selector: each series' samples in `(t - range, t]`, stale markers left out.

@@ -4,7 +4,7 @@ use promql_parser::label::MatchOp;
 use promql_parser::parser::{Call, Expr};
 
 use super::eval::{Evaluator, Sample, Value, drop_name, offset_ms, unique};
-use super::{NAME, SeriesSource, histogram, over_time};
+use super::{NAME, SeriesSource, histogram, over_time, strip_parens};
 use crate::registry::Point;
 use crate::sample::Labels;
 
@@ -16,17 +16,17 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         "pi" => Ok(Value::Scalar(std::f64::consts::PI)),
         "vector" => Ok(Value::Vector(vec![Sample {
             labels: Labels::empty(),
-            value: scalar_arg(ev, args.first().map(|b| b.as_ref()))?,
+            value: scalar_arg(ev, args, 0)?,
         }])),
-        "scalar" => match ev.expr(first(args)?)? {
+        "scalar" => match ev.expr(arg(args, 0)?)? {
             Value::Vector(v) if v.len() == 1 => Ok(Value::Scalar(v[0].value)),
             _ => Ok(Value::Scalar(f64::NAN)),
         },
-        "absent" => absent(ev, first(args)?),
+        "absent" => absent(ev, arg(args, 0)?),
         "absent_over_time" => {
-            let matrix = range_arg(ev, first(args)?)?.series;
+            let matrix = range_arg(ev, arg(args, 0)?)?.series;
             if matrix.is_empty() {
-                absent_labels(first(args)?)
+                absent_labels(arg(args, 0)?)
             } else {
                 Ok(Value::Vector(Vec::new()))
             }
@@ -51,8 +51,10 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         "asinh" => map(ev, args, |v| Some(v.asinh())),
         "acosh" => map(ev, args, |v| Some(v.acosh())),
         "atanh" => map(ev, args, |v| Some(v.atanh())),
-        "deg" => map(ev, args, |v| Some(v.to_degrees())),
-        "rad" => map(ev, args, |v| Some(v.to_radians())),
+        // As Prometheus writes them (Rust's to_degrees multiplies by 180/π, rounded once
+        // more, and differs in the last bit for about a quarter of all values).
+        "deg" => map(ev, args, |v| Some(v * 180.0 / std::f64::consts::PI)),
+        "rad" => map(ev, args, |v| Some(v * std::f64::consts::PI / 180.0)),
         // Go's sign: NaN and ±0 are returned as they are.
         "sgn" => map(ev, args, |v| {
             Some(if v < 0.0 {
@@ -64,25 +66,26 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             })
         }),
         "round" => {
-            let to = match args.get(1) {
-                Some(a) => scalar_arg(ev, Some(a))?,
-                None => 1.0,
+            let to = if args.len() > 1 {
+                scalar_arg(ev, args, 1)?
+            } else {
+                1.0
             };
             // Prometheus rounds half up, on the multiple's inverse.
             let inverse = 1.0 / to;
             map(ev, args, |v| Some((v * inverse + 0.5).floor() / inverse))
         }
         "clamp_min" => {
-            let lo = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
+            let lo = scalar_arg(ev, args, 1)?;
             map(ev, args, |v| Some(go_max(v, lo)))
         }
         "clamp_max" => {
-            let hi = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
+            let hi = scalar_arg(ev, args, 1)?;
             map(ev, args, |v| Some(go_min(v, hi)))
         }
         "clamp" => {
-            let lo = scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?;
-            let hi = scalar_arg(ev, args.get(2).map(|b| b.as_ref()))?;
+            let lo = scalar_arg(ev, args, 1)?;
+            let hi = scalar_arg(ev, args, 2)?;
             if hi < lo {
                 return Ok(Value::Vector(Vec::new()));
             }
@@ -90,9 +93,9 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         }
         "minute" | "hour" | "day_of_week" | "day_of_month" | "day_of_year" | "days_in_month"
         | "month" | "year" => date(ev, name, args),
-        "timestamp" => timestamp(ev, first(args)?),
+        "timestamp" => timestamp(ev, arg(args, 0)?),
         "sort" | "sort_desc" => {
-            let Value::Vector(mut v) = ev.expr(first(args)?)? else {
+            let Value::Vector(mut v) = ev.expr(arg(args, 0)?)? else {
                 return Err("sort needs an instant vector".into());
             };
             // NaN last either way, as Prometheus sorts.
@@ -109,10 +112,8 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         "label_replace" => label_replace(ev, args),
         "label_join" => label_join(ev, args),
         "histogram_quantile" => {
-            let q = scalar_arg(ev, args.first().map(|b| b.as_ref()))?;
-            let Value::Vector(v) =
-                ev.expr(args.get(1).map(|b| b.as_ref()).ok_or("missing argument")?)?
-            else {
+            let q = scalar_arg(ev, args, 0)?;
+            let Value::Vector(v) = ev.expr(arg(args, 1)?)? else {
                 return Err("histogram_quantile needs an instant vector".into());
             };
             Ok(Value::Vector(unique(histogram::quantile(q, v)?)?))
@@ -123,7 +124,7 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
                 range_s,
                 start,
                 end,
-            } = range_arg(ev, first(args)?)?;
+            } = range_arg(ev, arg(args, 0)?)?;
             let counter = name != "delta";
             let per_second = name == "rate";
             let out = matrix
@@ -145,15 +146,9 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         | "predict_linear" | "irate" | "idelta" => {
             // φ comes first for quantile_over_time; predict_linear's seconds come second.
             let (range, arg) = match name {
-                "quantile_over_time" => (
-                    args.get(1).map(|b| b.as_ref()).ok_or("missing argument")?,
-                    scalar_arg(ev, args.first().map(|b| b.as_ref()))?,
-                ),
-                "predict_linear" => (
-                    first(args)?,
-                    scalar_arg(ev, args.get(1).map(|b| b.as_ref()))?,
-                ),
-                _ => (first(args)?, 0.0),
+                "quantile_over_time" => (arg(args, 1)?, scalar_arg(ev, args, 0)?),
+                "predict_linear" => (arg(args, 0)?, scalar_arg(ev, args, 1)?),
+                _ => (arg(args, 0)?, 0.0),
             };
             let matrix = range_arg(ev, range)?.series;
             let keep_name = name == "last_over_time";
@@ -241,11 +236,7 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 /// `timestamp(v)`: the time of each sample in seconds: a selector's samples keep the time they
 /// were taken at; any other expression's samples are at the evaluation time.
 fn timestamp<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Value, String> {
-    let mut inner = arg;
-    while let Expr::Paren(p) = inner {
-        inner = &p.expr;
-    }
-    if let Expr::VectorSelector(vs) = inner {
+    if let Expr::VectorSelector(vs) = strip_parens(arg) {
         let out = ev
             .instant_points(vs)
             .into_iter()
@@ -272,11 +263,7 @@ fn timestamp<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Value
 
 /// A string argument (a literal, possibly in parentheses).
 fn string_arg(args: &[Box<Expr>], i: usize) -> Result<&str, String> {
-    let mut e = args.get(i).map(|b| b.as_ref()).ok_or("missing argument")?;
-    while let Expr::Paren(p) = e {
-        e = &p.expr;
-    }
-    match e {
+    match strip_parens(arg(args, i)?) {
         Expr::StringLiteral(s) => Ok(&s.val),
         _ => Err("expected a string argument".into()),
     }
@@ -301,6 +288,42 @@ fn set_label(labels: &Labels, name: &str, value: &str) -> Labels {
     }
 }
 
+/// Checks the string arguments of label_replace and label_join (the label names, the regular
+/// expression), which are constants: wrong, they would fail every evaluation of the rule.
+pub(super) fn check_constants(c: &Call) -> Result<(), String> {
+    let args = &c.args.args;
+    match c.func.name {
+        "label_replace" => {
+            replace_regex(string_arg(args, 4)?)?;
+            check_label_name(string_arg(args, 1)?, "destination", "label_replace")
+        }
+        "label_join" => {
+            for i in 3..args.len() {
+                let s = string_arg(args, i)?;
+                if s != NAME {
+                    check_label_name(s, "source", "label_join")?;
+                }
+            }
+            check_label_name(string_arg(args, 1)?, "destination", "label_join")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_label_name(name: &str, role: &str, function: &str) -> Result<(), String> {
+    if valid_label_name(name) {
+        Ok(())
+    } else {
+        Err(format!("invalid {role} label name in {function}(): {name}"))
+    }
+}
+
+/// label_replace's regular expression, anchored at both ends as Prometheus anchors it.
+fn replace_regex(regex: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?s:{regex})$"))
+        .map_err(|e| format!("invalid regular expression in label_replace(): {regex}: {e}"))
+}
+
 /// `label_replace(v, dst, replacement, src, regex)`: where the anchored regex matches the
 /// value of `src`, `dst` becomes the replacement with `$1`/`${name}` expanded (empty: removed).
 fn label_replace<S: SeriesSource>(
@@ -313,35 +336,18 @@ fn label_replace<S: SeriesSource>(
         string_arg(args, 3)?,
         string_arg(args, 4)?,
     );
-    let re = regex::Regex::new(&format!("^(?s:{regex})$"))
-        .map_err(|e| format!("invalid regular expression in label_replace(): {regex}: {e}"))?;
-    if !valid_label_name(dst) {
-        return Err(format!(
-            "invalid destination label name in label_replace(): {dst}"
-        ));
-    }
-    let Value::Vector(v) = ev.expr(first(args)?)? else {
-        return Err("label_replace needs an instant vector".into());
-    };
-    let out = v
-        .into_iter()
-        .map(|s| {
-            let value = s.labels.get(src).unwrap_or("");
-            let labels = match re.captures(value) {
-                Some(caps) => {
-                    let mut res = String::new();
-                    caps.expand(replacement, &mut res);
-                    set_label(&s.labels, dst, &res)
-                }
-                None => s.labels.clone(),
-            };
-            Sample {
-                labels,
-                value: s.value,
+    // The names were checked at load (`check_constants`).
+    let re = replace_regex(regex)?;
+    relabel(ev, args, |labels| {
+        match re.captures(labels.get(src).unwrap_or("")) {
+            Some(caps) => {
+                let mut res = String::new();
+                caps.expand(replacement, &mut res);
+                set_label(labels, dst, &res)
             }
-        })
-        .collect();
-    Ok(Value::Vector(unique(out)?))
+            None => labels.clone(),
+        }
+    })
 }
 
 /// `label_join(v, dst, separator, src...)`: `dst` becomes the values of the `src` labels
@@ -349,34 +355,34 @@ fn label_replace<S: SeriesSource>(
 fn label_join<S: SeriesSource>(ev: &Evaluator<'_, S>, args: &[Box<Expr>]) -> Result<Value, String> {
     let dst = string_arg(args, 1)?;
     let sep = string_arg(args, 2)?;
-    let mut srcs = Vec::new();
-    for i in 3..args.len() {
-        let s = string_arg(args, i)?;
-        if !valid_label_name(s) && s != NAME {
-            return Err(format!("invalid source label name in label_join(): {s}"));
-        }
-        srcs.push(s);
-    }
-    if !valid_label_name(dst) {
-        return Err(format!(
-            "invalid destination label name in label_join(): {dst}"
-        ));
-    }
-    let Value::Vector(v) = ev.expr(first(args)?)? else {
-        return Err("label_join needs an instant vector".into());
+    let srcs = (3..args.len())
+        .map(|i| string_arg(args, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    relabel(ev, args, |labels| {
+        let joined = srcs
+            .iter()
+            .map(|l| labels.get(l).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(sep);
+        set_label(labels, dst, &joined)
+    })
+}
+
+/// The first (instant vector) argument with each sample's labels replaced by `f`'s, the
+/// name kept: what label_replace and label_join share.
+fn relabel<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    args: &[Box<Expr>],
+    f: impl Fn(&Labels) -> Labels,
+) -> Result<Value, String> {
+    let Value::Vector(v) = ev.expr(arg(args, 0)?)? else {
+        return Err("expected an instant vector".into());
     };
     let out = v
         .into_iter()
-        .map(|s| {
-            let joined = srcs
-                .iter()
-                .map(|l| s.labels.get(l).unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join(sep);
-            Sample {
-                labels: set_label(&s.labels, dst, &joined),
-                value: s.value,
-            }
+        .map(|s| Sample {
+            labels: f(&s.labels),
+            value: s.value,
         })
         .collect();
     Ok(Value::Vector(unique(out)?))
@@ -401,15 +407,21 @@ fn go_min(a: f64, b: f64) -> f64 {
     }
 }
 
-fn first(args: &[Box<Expr>]) -> Result<&Expr, String> {
-    args.first()
+/// Argument `i`.
+fn arg(args: &[Box<Expr>], i: usize) -> Result<&Expr, String> {
+    args.get(i)
         .map(|b| b.as_ref())
         .ok_or_else(|| "missing argument".to_owned())
 }
 
-fn scalar_arg<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: Option<&Expr>) -> Result<f64, String> {
-    match arg.map(|a| ev.expr(a)).transpose()? {
-        Some(Value::Scalar(v)) => Ok(v),
+/// Argument `i`, evaluated to a scalar.
+fn scalar_arg<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    args: &[Box<Expr>],
+    i: usize,
+) -> Result<f64, String> {
+    match ev.expr(arg(args, i)?)? {
+        Value::Scalar(v) => Ok(v),
         _ => Err("expected a scalar argument".into()),
     }
 }
@@ -420,7 +432,7 @@ fn map<S: SeriesSource>(
     args: &[Box<Expr>],
     f: impl Fn(f64) -> Option<f64>,
 ) -> Result<Value, String> {
-    let Value::Vector(v) = ev.expr(first(args)?)? else {
+    let Value::Vector(v) = ev.expr(arg(args, 0)?)? else {
         return Err("expected an instant vector".into());
     };
     let out = v
@@ -449,12 +461,14 @@ fn range_arg<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Range
     match arg {
         Expr::MatrixSelector(ms) => {
             let range_ms = i64::try_from(ms.range.as_millis()).unwrap_or(i64::MAX);
-            let end = ev.at_time(ms.vs.at.as_ref()).unwrap_or(ev.t_ms())
-                - offset_ms(ms.vs.offset.as_ref());
+            let end = ev
+                .at_time(ms.vs.at.as_ref())
+                .unwrap_or(ev.t_ms())
+                .saturating_sub(offset_ms(ms.vs.offset.as_ref()));
             Ok(RangeArg {
                 series: ev.range(&ms.vs, ms.range),
                 range_s: ms.range.as_secs_f64(),
-                start: end - range_ms,
+                start: end.saturating_sub(range_ms),
                 end,
             })
         }
@@ -464,7 +478,7 @@ fn range_arg<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<Range
             Ok(RangeArg {
                 series,
                 range_s: sq.range.as_secs_f64(),
-                start: end - range_ms,
+                start: end.saturating_sub(range_ms),
                 end,
             })
         }

@@ -15,7 +15,9 @@ use crate::sample::Labels;
 const SMALL_DELTA: f64 = 1e-12;
 
 /// The φ-quantile of each histogram in `buckets` (samples with an `le` label; others are
-/// ignored), labelled without `le` and `__name__`.
+/// ignored), labelled without `le` and `__name__`. Histograms are told apart by their name too,
+/// as Prometheus does: two of them that differ only by name give two results with one label
+/// set, which the caller refuses (they are never merged into one).
 pub(super) fn quantile(q: f64, buckets: Vec<Sample>) -> Result<Vec<Sample>, String> {
     let mut groups: Vec<(Labels, Vec<(f64, f64)>)> = Vec::new();
     let mut index: HashMap<Labels, usize> = HashMap::default();
@@ -26,7 +28,7 @@ pub(super) fn quantile(q: f64, buckets: Vec<Sample>) -> Result<Vec<Sample>, Stri
         let Some(upper) = parse_le(le) else {
             continue;
         };
-        let key = s.labels.retain(|k| k != "le" && k != super::NAME);
+        let key = s.labels.retain(|k| k != "le");
         let i = *index.entry(key.clone()).or_insert_with(|| {
             groups.push((key, Vec::new()));
             groups.len() - 1
@@ -36,7 +38,7 @@ pub(super) fn quantile(q: f64, buckets: Vec<Sample>) -> Result<Vec<Sample>, Stri
     Ok(groups
         .into_iter()
         .map(|(labels, mut b)| Sample {
-            labels,
+            labels: labels.without_name(),
             value: bucket_quantile(q, &mut b),
         })
         .collect())

@@ -160,8 +160,18 @@ impl Query {
     /// Parses any query Prometheus's query API answers, range vectors and strings included
     /// (what a condition cannot be), refusing what we do not evaluate with the reason.
     pub fn parse_query(text: &str) -> Result<Query, String> {
-        let expr = parser::parse(text).map_err(|e| format!("invalid PromQL: {e}"))?;
+        // The parser panics on some durations (`x[1e30]`: a float past `Duration`'s range); rule
+        // text must never take the process down, so a panic is a refusal like any other.
+        let parsed = std::panic::catch_unwind(|| parser::parse(text))
+            .map_err(|_| "invalid PromQL: the parser failed on it (a duration out of range?)")?;
+        let expr = parsed.map_err(|e| format!("invalid PromQL: {e}"))?;
         check(&expr)?;
+        let steps = subquery_steps(&expr);
+        if steps > MAX_SUBQUERY_STEPS {
+            return Err(format!(
+                "the subqueries evaluate their inner expression {steps} times per evaluation, more than {MAX_SUBQUERY_STEPS} (Prometheus's limit on one series' points); use a coarser step or a shorter range"
+            ));
+        }
         Ok(Query {
             expr,
             text: text.to_owned(),
@@ -224,6 +234,11 @@ impl Query {
     /// Whether any selector of the expression selects anything at `now_ms`: tells "the
     /// condition does not hold" from "there is no data to judge".
     pub fn has_data<S: SeriesSource>(&self, source: &S, now_ms: i64) -> bool {
+        // A subquery pinned by `@` reads a window no look back from now can cover: its data
+        // is taken as there, so "no data" (and `on_absent: fire`) is never concluded from it.
+        if pinned_subquery(&self.expr) {
+            return true;
+        }
         let mut selectors = Vec::new();
         leaves(&self.expr, &mut selectors);
         let ev = Evaluator::new(source, now_ms);
@@ -365,12 +380,12 @@ const FUNCTIONS: &[&str] = &[
     "year",
 ];
 
-/// Functions that only read native histograms: over float samples Prometheus returns nothing,
-/// and native histograms are not collected here.
 /// Functions Prometheus keeps behind its `promql-experimental-functions` flag that the parser
 /// does not mark as experimental.
 const EXPERIMENTAL_FUNCTIONS: &[&str] = &["first_over_time"];
 
+/// Functions that only read native histograms: over float samples Prometheus returns nothing,
+/// and native histograms are not collected here.
 const NATIVE_HISTOGRAM_FUNCTIONS: &[&str] = &[
     "histogram_avg",
     "histogram_count",
@@ -379,6 +394,55 @@ const NATIVE_HISTOGRAM_FUNCTIONS: &[&str] = &[
     "histogram_stdvar",
     "histogram_sum",
 ];
+
+/// Whether `expr` holds a subquery with an `@` modifier.
+fn pinned_subquery(expr: &Expr) -> bool {
+    match expr {
+        Expr::Subquery(sq) => sq.at.is_some() || pinned_subquery(&sq.expr),
+        Expr::Paren(p) => pinned_subquery(&p.expr),
+        Expr::Unary(u) => pinned_subquery(&u.expr),
+        Expr::Binary(b) => pinned_subquery(&b.lhs) || pinned_subquery(&b.rhs),
+        Expr::Aggregate(a) => {
+            pinned_subquery(&a.expr) || a.param.as_deref().is_some_and(pinned_subquery)
+        }
+        Expr::Call(c) => c.args.args.iter().any(|a| pinned_subquery(a)),
+        _ => false,
+    }
+}
+
+/// The most evaluations of inner expressions the subqueries of one condition may cost (nested
+/// ones multiply): Prometheus's limit on the points of one series in a range query. Beyond it a
+/// rule tick, which evaluates every due rule in turn, would be held up.
+const MAX_SUBQUERY_STEPS: u128 = 11_000;
+
+/// How many times the subqueries of `expr` evaluate their inner expressions (nested ones
+/// multiplied; 1 without a subquery).
+fn subquery_steps(expr: &Expr) -> u128 {
+    match expr {
+        Expr::Subquery(sq) => {
+            let step = sq
+                .step
+                .filter(|s| !s.is_zero())
+                .unwrap_or(eval::DEFAULT_SUBQUERY_STEP)
+                .as_millis()
+                .max(1);
+            (sq.range.as_millis() / step + 1).saturating_mul(subquery_steps(&sq.expr))
+        }
+        Expr::Paren(p) => subquery_steps(&p.expr),
+        Expr::Unary(u) => subquery_steps(&u.expr),
+        Expr::Binary(b) => subquery_steps(&b.lhs).saturating_add(subquery_steps(&b.rhs)),
+        Expr::Aggregate(a) => {
+            subquery_steps(&a.expr).saturating_add(a.param.as_deref().map_or(0, subquery_steps))
+        }
+        Expr::Call(c) => c
+            .args
+            .args
+            .iter()
+            .map(|a| subquery_steps(a))
+            .fold(1, u128::saturating_add),
+        _ => 1,
+    }
+}
 
 /// Refuses what we do not evaluate, naming it.
 fn check(expr: &Expr) -> Result<(), String> {
@@ -391,7 +455,10 @@ fn check(expr: &Expr) -> Result<(), String> {
         Expr::Unary(u) => check(&u.expr),
         Expr::VectorSelector(vs) => selector(vs),
         Expr::MatrixSelector(ms) => selector(&ms.vs),
-        Expr::Subquery(sq) => check(&sq.expr),
+        Expr::Subquery(sq) => {
+            at_modifier(sq.at.as_ref())?;
+            check(&sq.expr)
+        }
         Expr::Extension(_) => Err("extension expressions are not supported".into()),
         Expr::Binary(b) => {
             if b.modifier
@@ -411,10 +478,14 @@ fn check(expr: &Expr) -> Result<(), String> {
                     a.op
                 ));
             }
-            if let Some(p) = &a.param
-                && !matches!(strip_parens(p), Expr::StringLiteral(_))
-            {
+            if let Some(p) = &a.param {
                 check(p)?;
+            }
+            if id == promql_parser::parser::token::T_COUNT_VALUES
+                && let Some(Expr::StringLiteral(l)) = a.param.as_deref().map(strip_parens)
+                && !functions::valid_label_name(&l.val)
+            {
+                return Err(format!("count_values: invalid label name {:?}", l.val));
             }
             check(&a.expr)
         }
@@ -439,17 +510,15 @@ fn check(expr: &Expr) -> Result<(), String> {
                 ));
             }
             for arg in &c.args.args {
-                // Strings are arguments of label_replace and label_join only (the parser
-                // checks which argument takes one).
-                if !matches!(strip_parens(arg), Expr::StringLiteral(_)) {
-                    check(arg)?;
-                }
+                check(arg)?;
             }
-            Ok(())
+            // Constant arguments that could only fail at every evaluation fail at load.
+            functions::check_constants(c)
         }
     }
 }
 
+/// The expression inside any parentheses.
 fn strip_parens(mut e: &Expr) -> &Expr {
     while let Expr::Paren(p) = e {
         e = &p.expr;
@@ -457,7 +526,22 @@ fn strip_parens(mut e: &Expr) -> &Expr {
     e
 }
 
+/// Refuses an `@` time before 1970 or after 9999: no sample is there, the parser prints every
+/// time before 1970 alike (so two such expressions would share a memo entry), and times near
+/// the ends of the range would overflow the evaluator's arithmetic.
+fn at_modifier(at: Option<&promql_parser::parser::AtModifier>) -> Result<(), String> {
+    const YEAR_9999_END: Duration = Duration::from_secs(253_402_300_800);
+    if let Some(promql_parser::parser::AtModifier::At(t)) = at {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) if d < YEAR_9999_END => {}
+            _ => return Err("an @ time must lie between 1970 and 9999".into()),
+        }
+    }
+    Ok(())
+}
+
 fn selector(vs: &promql_parser::parser::VectorSelector) -> Result<(), String> {
+    at_modifier(vs.at.as_ref())?;
     if !vs.matchers.or_matchers.is_empty() {
         return Err("`or` inside a selector is not supported".into());
     }
@@ -480,14 +564,19 @@ fn leaves<'a>(
         }
         Expr::Aggregate(a) => leaves(&a.expr, out),
         Expr::Call(c) => c.args.args.iter().for_each(|a| leaves(a, out)),
-        // A subquery's selectors are read over its whole range.
+        // A subquery's selectors are read over its whole range, and as far back as its offset
+        // (a window that covers the one it reads, so "no data" is never said of data it sees).
         Expr::Subquery(sq) => {
+            let back = match &sq.offset {
+                Some(promql_parser::parser::Offset::Pos(d)) => *d,
+                _ => Duration::ZERO,
+            };
             let mut inner = Vec::new();
             leaves(&sq.expr, &mut inner);
             out.extend(
                 inner
                     .into_iter()
-                    .map(|(vs, r)| (vs, Some(r.unwrap_or_default() + sq.range))),
+                    .map(|(vs, r)| (vs, Some(r.unwrap_or_default() + sq.range + back))),
             );
         }
         _ => {}
@@ -506,7 +595,7 @@ fn reach(expr: &Expr) -> Duration {
         Expr::Paren(p) => reach(&p.expr),
         Expr::Unary(u) => reach(&u.expr),
         Expr::Binary(b) => reach(&b.lhs).max(reach(&b.rhs)),
-        Expr::Aggregate(a) => reach(&a.expr),
+        Expr::Aggregate(a) => reach(&a.expr).max(a.param.as_deref().map_or(Duration::ZERO, reach)),
         Expr::Subquery(sq) => sq.range + offset(&sq.offset) + reach(&sq.expr),
         Expr::Call(c) => c
             .args
@@ -531,6 +620,41 @@ mod tests {
             ("first_over_time(x[5m])", "feature flag"),
             ("histogram_count(x)", "native histograms"),
             ("x +", "invalid PromQL"),
+            // Constants that would fail every evaluation fail at load.
+            (
+                r#"label_replace(x, "a", "$1", "b", "(")"#,
+                "invalid regular expression",
+            ),
+            (
+                r#"label_replace(x, "a-b", "$1", "b", "(.*)")"#,
+                "invalid destination label name",
+            ),
+            (
+                r#"label_join(x, "a", ",", "b-c")"#,
+                "invalid source label name",
+            ),
+            (r#"count_values("a-b", x)"#, "invalid label name"),
+            // A subquery that would hold the tick up: a day at one second, or nested ones
+            // whose steps multiply past the limit.
+            ("max_over_time(x[1d:1s])", "more than 11000"),
+            // ... also inside an aggregation's parameter.
+            (
+                "topk(scalar(count_over_time(vector(1)[30d:1ms])), up)",
+                "more than 11000",
+            ),
+            // A duration the parser cannot hold (it panics on it) is refused, not a crash.
+            ("x[1e30]", "invalid PromQL"),
+            ("max_over_time(x[5m:1e30])", "invalid PromQL"),
+            // `@` times that would overflow the evaluator, or that no sample can be at.
+            (
+                "max_over_time(up[1m:1m] @ 9223372036854775)",
+                "between 1970 and 9999",
+            ),
+            ("up @ -10", "between 1970 and 9999"),
+            (
+                "max_over_time(max_over_time(x[10m:1s])[1h:10s])",
+                "more than 11000",
+            ),
         ] {
             let err = Query::parse(text).unwrap_err();
             assert!(err.contains(why), "{text}: {err}");
@@ -548,6 +672,8 @@ mod tests {
             assert!(Query::parse_query(text).is_ok(), "{text}");
         }
         assert!(Query::parse("max_over_time(rate(x[1m] @ end())[10m:30s] offset -1m)").is_ok());
+        // An hour at the default step of a minute is well within.
+        assert!(Query::parse("max_over_time(x[1h:])").is_ok());
     }
 
     #[test]
@@ -594,6 +720,50 @@ mod tests {
             panic!()
         };
         assert_eq!(v.len(), 1);
+    }
+
+    /// Cases found by reading the evaluator against Prometheus 3's engine.
+    #[test]
+    fn prometheus_answers_the_edge_cases() {
+        use crate::registry::Point;
+        let mut m = memory::MemorySeries::new();
+        for (name, le, v) in [
+            ("a_bucket", "1", 1.0),
+            ("a_bucket", "+Inf", 2.0),
+            ("b_bucket", "1", 5.0),
+            ("b_bucket", "+Inf", 10.0),
+        ] {
+            m.add(
+                Labels::new([(NAME, name), ("le", le)]),
+                [Point { t_ms: 0, v }],
+            );
+        }
+        for v in ["1", "2"] {
+            m.add(
+                Labels::new([(NAME, "x"), ("v", v)]),
+                [Point { t_ms: 0, v: 1.0 }],
+            );
+        }
+        let at = |q: &str| Evaluator::new(&m, 0).eval(&Query::parse(q).unwrap());
+        // Two histograms that differ only by name are two quantiles with one label set: an
+        // error, never one quantile of their buckets added together.
+        let err = at(r#"histogram_quantile(0.9, {__name__=~"a_bucket|b_bucket"})"#).unwrap_err();
+        assert!(err.contains("same labelset"), "{err}");
+        // `without` naming the value's label drops it: the two values count as one group.
+        assert_eq!(
+            at(r#"count_values without (v) ("v", x)"#),
+            Ok(Value::Vector(vec![Sample {
+                labels: Labels::empty(),
+                value: 2.0
+            }]))
+        );
+        // k beyond int64 is an error, as in Prometheus.
+        assert!(at("topk(1e19, x)").unwrap_err().contains("overflows int64"));
+        // deg as Prometheus computes it, x·180/π: 5.729577951308232, not to_degrees' ...233.
+        let Ok(Value::Vector(d)) = at("deg(vector(0.1))") else {
+            panic!()
+        };
+        assert_eq!(d[0].value, 0.1 * 180.0 / std::f64::consts::PI);
     }
 
     #[test]
