@@ -767,6 +767,25 @@ mod tests {
     }
 
     #[test]
+    fn a_subquerys_offset_window_is_never_called_empty() {
+        use crate::registry::Point;
+        let mut m = memory::MemorySeries::new();
+        // Data from 20 to 35 minutes; at 90 minutes the condition reads 20 to 30 minutes.
+        m.add(
+            Labels::new([(NAME, "x")]),
+            (20..=35).map(|i| Point {
+                t_ms: i * 60_000,
+                v: 1.0,
+            }),
+        );
+        let q = Query::parse("max_over_time(x[10m:1m] offset 1h) > 0").unwrap();
+        assert!(
+            matches!(Evaluator::new(&m, 90 * 60_000).eval(&q), Ok(Value::Vector(v)) if !v.is_empty())
+        );
+        assert!(q.has_data(&m, 90 * 60_000));
+    }
+
+    #[test]
     fn the_reach_back_covers_ranges_and_offsets() {
         let q = Query::parse("rate(x[10m] offset 5m) + y").unwrap();
         assert_eq!(q.lookback_needed(), Duration::from_secs(900));
