@@ -241,23 +241,17 @@ impl Registry {
         out
     }
 
-    /// Every stored series accepted by `keep(name, labels)` (with `name` given, only that
-    /// metric's), as its label set with `__name__` and its points in `[start_ms, end_ms]`;
-    /// series without points there are left out. The read side of the history for the rule
-    /// engine.
-    ///
-    /// `equal` lists `(label, value)` pairs (values not empty) that every accepted series has:
-    /// the candidates are then looked up rather than `keep` asked of each of the metric's series.
-    pub fn select(
+    /// Every stored series `sel` accepts, as its label set with `__name__` and its points in
+    /// `[start_ms, end_ms]`; series without points there are left out. The read side of the
+    /// history for the rule engine.
+    pub fn select<K: Fn(&str, &Labels) -> bool>(
         &self,
-        name: Option<&str>,
-        equal: &[(&str, &str)],
-        keep: impl Fn(&str, &Labels) -> bool,
+        sel: &Selection<'_, K>,
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
         let mut out = Vec::new();
-        self.visit(name, equal, keep, |s| {
+        self.visit(sel, |s| {
             let selected = s.between(start_ms, end_ms);
             if !selected.is_empty() {
                 out.push((s.full.clone(), selected));
@@ -268,16 +262,14 @@ impl Registry {
 
     /// Like `select`, but only each series' newest point in `[start_ms, end_ms]` (what an
     /// instant selector reads), copying nothing else.
-    pub fn select_last(
+    pub fn select_last<K: Fn(&str, &Labels) -> bool>(
         &self,
-        name: Option<&str>,
-        equal: &[(&str, &str)],
-        keep: impl Fn(&str, &Labels) -> bool,
+        sel: &Selection<'_, K>,
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Point)> {
         let mut out = Vec::new();
-        self.visit(name, equal, keep, |s| {
+        self.visit(sel, |s| {
             if let Some(p) = s.last_until(end_ms).filter(|p| p.t_ms >= start_ms) {
                 out.push((s.full.clone(), p));
             }
@@ -285,62 +277,110 @@ impl Registry {
         out
     }
 
-    /// Calls `f` on every stored series accepted by `keep`, under the history's lock.
-    fn visit(
+    /// Like `select`, but `f` reads each series' points where they are stored (under the
+    /// history's lock, so `f` must be quick): no copy of each series for a range function.
+    pub fn each_range<K: Fn(&str, &Labels) -> bool>(
         &self,
-        name: Option<&str>,
-        equal: &[(&str, &str)],
-        keep: impl Fn(&str, &Labels) -> bool,
+        sel: &Selection<'_, K>,
+        start_ms: i64,
+        end_ms: i64,
+        f: &mut dyn FnMut(&Labels, &[Point]),
+    ) {
+        // A window the ring buffer holds in two pieces is copied here (one buffer for all).
+        let mut joined = Vec::new();
+        self.visit(sel, |s| {
+            let window = s.window(start_ms, end_ms);
+            if window.is_empty() {
+                return;
+            }
+            let (a, b) = s.points.as_slices();
+            if window.end <= a.len() {
+                f(&s.full, &a[window]);
+            } else if window.start >= a.len() {
+                f(&s.full, &b[window.start - a.len()..window.end - a.len()]);
+            } else {
+                joined.clear();
+                joined.extend(s.points.range(window).copied());
+                f(&s.full, &joined);
+            }
+        });
+    }
+
+    /// Calls `f` on every stored series `sel` accepts, under the history's lock.
+    fn visit<K: Fn(&str, &Labels) -> bool>(
+        &self,
+        sel: &Selection<'_, K>,
         mut f: impl FnMut(&Series),
     ) {
+        let Selection {
+            name,
+            equal,
+            key,
+            keep,
+        } = sel;
+        let (name, key) = (*name, key.as_deref());
         let mut guard = lock(&self.history);
         let history = &mut *guard;
-        let mut each = |n: &str, series: &HashMap<Labels, Series>| {
-            for (labels, s) in series {
-                if keep(n, labels) {
-                    f(s);
-                }
-            }
-        };
-        match name {
-            // A metric with few series is quicker to walk than to look up.
-            Some(n) if !equal.is_empty() => {
-                let Some(series) = history.by_name.get(n) else {
-                    return;
-                };
-                if series.len() <= POSTINGS_FROM {
-                    return each(n, series);
-                }
-                if !history.postings.contains_key(n) {
-                    history.postings.insert(n.to_owned(), postings(series));
-                }
-                let Some(postings) = history.postings.get(n) else {
-                    return;
-                };
-                // The shortest list: an absent one means nothing can match.
-                let candidates = equal
-                    .iter()
-                    .map(|(l, v)| postings.get(*l).and_then(|m| m.get(*v)))
-                    .min_by_key(|c| c.map_or(0, Vec::len))
-                    .flatten();
-                for labels in candidates.into_iter().flatten() {
-                    if let Some(s) = series.get(labels)
-                        && keep(n, labels)
-                    {
+        let Some(n) = name else {
+            for (n, series) in &history.by_name {
+                for (labels, s) in series {
+                    if keep(n, labels) {
                         f(s);
                     }
                 }
             }
-            Some(n) => {
-                if let Some(series) = history.by_name.get(n) {
-                    each(n, series);
+            return;
+        };
+        let Some(series) = history.by_name.get(n) else {
+            return;
+        };
+        if !history.index.contains_key(n) {
+            history.index.insert(n.to_owned(), MetricIndex::default());
+        }
+        let Some(index) = history.index.get_mut(n) else {
+            return;
+        };
+        if let Some(remembered) = key.and_then(|k| index.selections.get(k)) {
+            for labels in remembered {
+                if let Some(s) = series.get(labels) {
+                    f(s);
                 }
             }
-            None => {
-                for (n, series) in &history.by_name {
-                    each(n, series);
+            return;
+        }
+        // Remembered only while the metric has few selections: a rule set's selectors are a
+        // bounded family, anything past that is computed each time.
+        let mut accepted =
+            (key.is_some() && index.selections.len() < SELECTIONS_PER_METRIC).then(Vec::new);
+        let mut take = |labels: &Labels, s: &Series| {
+            if keep(n, labels) {
+                f(s);
+                if let Some(a) = accepted.as_mut() {
+                    a.push(labels.clone());
                 }
             }
+        };
+        // A metric with few series is quicker to walk than to look up.
+        if equal.is_empty() || series.len() <= POSTINGS_FROM {
+            for (labels, s) in series {
+                take(labels, s);
+            }
+        } else {
+            let postings = index.postings.get_or_insert_with(|| postings(series));
+            // The shortest list: an absent one means nothing can match.
+            let candidates = equal
+                .iter()
+                .map(|(l, v)| postings.get(*l).and_then(|m| m.get(*v)))
+                .min_by_key(|c| c.map_or(0, Vec::len))
+                .flatten();
+            for labels in candidates.into_iter().flatten() {
+                if let Some(s) = series.get(labels) {
+                    take(labels, s);
+                }
+            }
+        }
+        if let (Some(k), Some(a)) = (key, accepted) {
+            index.selections.insert(k.to_owned(), a);
         }
     }
 
@@ -441,9 +481,21 @@ struct Series {
 impl Series {
     /// The points in `[start_ms, end_ms]`, found by binary search: series are in time order.
     fn between(&self, start_ms: i64, end_ms: i64) -> Vec<Point> {
+        self.points
+            .range(self.window(start_ms, end_ms))
+            .copied()
+            .collect()
+    }
+
+    /// Where the points in `[start_ms, end_ms]` are (empty when there are none).
+    fn window(&self, start_ms: i64, end_ms: i64) -> std::ops::Range<usize> {
         let from = self.points.partition_point(|p| p.t_ms < start_ms);
-        let to = self.points.partition_point(|p| p.t_ms <= end_ms);
-        self.points.range(from..to.max(from)).copied().collect()
+        // Usually the window ends at or after the newest point: no search for that end.
+        let to = match self.points.back() {
+            Some(p) if p.t_ms <= end_ms => self.points.len(),
+            _ => self.points.partition_point(|p| p.t_ms <= end_ms),
+        };
+        from..to.max(from)
     }
 
     /// The newest point at or before `end_ms`.
@@ -459,8 +511,36 @@ impl Series {
     }
 }
 
+/// What a selection from the history asks for.
+pub struct Selection<'a, K> {
+    /// Only this metric's series (a direct lookup); `None` walks every metric.
+    pub name: Option<&'a str>,
+    /// `(label, value)` pairs (values not empty) that every accepted series has: the
+    /// candidates are then looked up rather than `keep` asked of each of the metric's series.
+    pub equal: Vec<(&'a str, &'a str)>,
+    /// With `name`, what `keep` accepts (the same key must always mean the same filter): the
+    /// series it accepted are remembered until the metric's set of series changes, so a
+    /// selection evaluated every tick tests its matchers only when series come or go
+    /// (Prometheus's postings do the same work once per block).
+    pub key: Option<String>,
+    /// Whether a series (metric name, label set without it) is selected.
+    pub keep: K,
+}
+
 /// A metric's series by label name and value, for equality matchers.
 type Postings = HashMap<String, HashMap<String, Vec<Labels>>>;
+
+/// What the history knows of one metric's series set, built on first need and dropped when
+/// that set changes (rarely: series come and go far less often than rules are evaluated).
+#[derive(Default)]
+struct MetricIndex {
+    postings: Option<Postings>,
+    /// The series each selection (by its key) accepted.
+    selections: HashMap<String, Vec<Labels>>,
+}
+
+/// At most this many selections per metric are remembered.
+const SELECTIONS_PER_METRIC: usize = 256;
 
 /// Metrics with more series than this get postings when an equality matcher selects from them.
 const POSTINGS_FROM: usize = 16;
@@ -483,10 +563,8 @@ fn postings(series: &HashMap<Labels, Series>) -> Postings {
 struct History {
     retention_ms: i64,
     by_name: HashMap<String, HashMap<Labels, Series>>,
-    /// Postings of the metrics selected by equality, built on first need and dropped when the
-    /// metric's set of series changes (rarely: series come and go far less often than rules
-    /// are evaluated).
-    postings: HashMap<String, Postings>,
+    /// Postings and remembered selections, by metric.
+    index: HashMap<String, MetricIndex>,
     /// The series each collector published last time, to mark the ones it stops publishing.
     by_collector: HashMap<String, HashSet<(String, Labels)>>,
     /// Series and points held, kept up to date to publish them without a walk.
@@ -499,7 +577,7 @@ impl History {
         History {
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
             by_name: HashMap::default(),
-            postings: HashMap::default(),
+            index: HashMap::default(),
             by_collector: HashMap::default(),
             series: 0,
             points: 0,
@@ -547,7 +625,7 @@ impl History {
             Some(s) => s,
             None => {
                 self.series += 1;
-                self.postings.remove(name);
+                self.index.remove(name);
                 let full = Labels::with_name(labels, name);
                 by_labels.entry(labels.clone()).or_insert(Series {
                     full,
@@ -571,7 +649,7 @@ impl History {
     fn prune(&mut self, now_ms: i64) {
         let cutoff = now_ms.saturating_sub(self.retention_ms);
         let (mut series_gone, mut points_gone) = (0, 0);
-        let postings = &mut self.postings;
+        let index = &mut self.index;
         self.by_name.retain(|name, by_labels| {
             let before = by_labels.len();
             by_labels.retain(|_, s| {
@@ -586,7 +664,7 @@ impl History {
                 keep
             });
             if by_labels.len() != before {
-                postings.remove(name);
+                index.remove(name);
             }
             !by_labels.is_empty()
         });
@@ -711,6 +789,52 @@ mod tests {
     }
 
     #[test]
+    fn range_reads_in_place_agree_with_copies_while_the_buffer_wraps() {
+        // 10 s kept, a point a second: from the 11th on, each publish drops the oldest point
+        // and appends one, so the ring buffer holding the points wraps around again and again.
+        let r = Registry::new(Duration::from_secs(10)).unwrap();
+        let keep = |_: &str, _: &Labels| true;
+        let (mut pieces, mut reads) = (0, 0);
+        for at in 0..60i64 {
+            r.publish("a", fams(&[("m", "x", at as f64)]), at * 1_000);
+            for (start, end) in [
+                (0, i64::MAX),
+                (at * 1_000 - 4_000, at * 1_000),
+                (at * 1_000 - 9_500, at * 1_000 - 2_000),
+            ] {
+                let sel = |key: Option<&str>| Selection {
+                    name: Some("m"),
+                    equal: vec![],
+                    key: key.map(str::to_owned),
+                    keep,
+                };
+                let copied = r.select(&sel(None), start, end);
+                let mut read = Vec::new();
+                r.each_range(&sel(Some("all")), start, end, &mut |l, p| {
+                    read.push((l.clone(), p.to_vec()))
+                });
+                assert_eq!(
+                    format!("{read:?}"),
+                    format!("{copied:?}"),
+                    "at {at} s, [{start}, {end}]"
+                );
+                reads += 1;
+            }
+            let history = lock(&r.history);
+            if let Some(s) = history.by_name.get("m").and_then(|m| m.values().next())
+                && !s.points.as_slices().1.is_empty()
+            {
+                pieces += 1;
+            }
+        }
+        // The case this is about happened: the points were held in two pieces.
+        assert!(
+            pieces > 10,
+            "the buffer wrapped {pieces} times in {reads} reads"
+        );
+    }
+
+    #[test]
     fn render_merges_families_shared_by_collectors() {
         let r = Registry::new(Duration::from_secs(600)).unwrap();
         r.publish("a", fams(&[("m", "x", 1.0)]), 1_000);
@@ -750,9 +874,22 @@ mod tests {
         };
         let find = |device: &str| {
             let keep = |_: &str, l: &Labels| l.get("device") == Some(device);
-            let by_lookup = r.select_last(Some("m"), &[("device", device)], keep, 0, i64::MAX);
-            let by_walk = r.select_last(Some("m"), &[], keep, 0, i64::MAX);
+            let sel = |equal, key| Selection {
+                name: Some("m"),
+                equal,
+                key,
+                keep,
+            };
+            let by_lookup = r.select_last(&sel(vec![("device", device)], None), 0, i64::MAX);
+            let by_walk = r.select_last(&sel(vec![], None), 0, i64::MAX);
             assert_eq!(format!("{by_lookup:?}"), format!("{by_walk:?}"), "{device}");
+            // Remembered selections (asked twice: the second answer is the remembered one)
+            // see the same series come and go.
+            let key = format!("device={device}");
+            for _ in 0..2 {
+                let by_key = r.select_last(&sel(vec![], Some(key.clone())), 0, i64::MAX);
+                assert_eq!(format!("{by_key:?}"), format!("{by_walk:?}"), "{device}");
+            }
             by_lookup.len()
         };
         publish(30, 1_000);

@@ -59,6 +59,48 @@ pub fn hasher() -> rustc_hash::FxHasher {
 /// The label that holds the metric name in a series' full label set.
 pub const NAME_LABEL: &str = "__name__";
 
+/// At most this many distinct label names are shared; past it (a target sending a new name in
+/// every scrape) names are stored as given. Sharing is an optimisation only: every comparison
+/// falls back to the text when the pointers differ.
+const SHARED_NAMES: usize = 10_000;
+
+/// The shared copy of each label name: a rule set and the series it reads use a few dozen
+/// names, and comparing two shared names is comparing two pointers, where comparing the text
+/// was the largest single cost of grouping and matching (each comparison reads memory the
+/// cache rarely holds).
+static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Arc<str>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// `names` replaced, in place, by their shared copies (one lock for the whole set).
+fn share_names<'a>(names: impl Iterator<Item = &'a mut Arc<str>>) {
+    let mut shared = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for name in names {
+        if let Some(s) = shared.get(&**name) {
+            if !Arc::ptr_eq(s, name) {
+                *name = s.clone();
+            }
+        } else if shared.len() < SHARED_NAMES {
+            shared.insert(name.clone());
+        }
+    }
+}
+
+/// The shared copy of label name `name` (a fresh one past the limit).
+pub fn label_name(name: &str) -> Arc<str> {
+    let mut n: Arc<str> = Arc::from(name);
+    share_names(std::iter::once(&mut n));
+    n
+}
+
+/// Whether two label names are equal: by pointer when both are the shared copy, which is the
+/// usual case, by text otherwise.
+#[inline]
+pub fn same_name(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || (a.len() == b.len() && **a == **b)
+}
+
 impl Default for Labels {
     fn default() -> Self {
         Labels::from_sorted(Vec::new())
@@ -114,6 +156,7 @@ impl Labels {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        share_names(v.iter_mut().map(|(k, _)| k));
         v.sort_by(|a, b| a.0.cmp(&b.0));
         // Keep the last value given for a name.
         let mut out: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(v.len());
@@ -138,7 +181,7 @@ impl Labels {
     /// again gives `bare` back without building anything.
     pub fn with_name(bare: &Labels, name: &str) -> Labels {
         let mut pairs = Vec::with_capacity(bare.len() + 1);
-        pairs.push((Arc::<str>::from(NAME_LABEL), Arc::<str>::from(name)));
+        pairs.push((label_name(NAME_LABEL), Arc::<str>::from(name)));
         pairs.extend(
             bare.0
                 .pairs
@@ -185,6 +228,22 @@ impl Labels {
             .binary_search_by(|(k, _)| (**k).cmp(name))
             .ok()
             .map(|i| &*pairs[i].1)
+    }
+
+    /// The value of `__name__`, found by comparing pointers where the name is the shared copy.
+    pub fn metric_name(&self) -> Option<&Arc<str>> {
+        static SHARED: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| label_name(NAME_LABEL));
+        self.0
+            .pairs
+            .iter()
+            .find(|(k, _)| same_name(k, &SHARED))
+            .map(|(_, v)| v)
+    }
+
+    /// The pairs as stored (sorted by name), for comparisons by pointer (`same_name`).
+    pub fn pairs(&self) -> &[(Arc<str>, Arc<str>)] {
+        &self.0.pairs
     }
 
     /// The pairs, sorted by name.
@@ -377,6 +436,29 @@ pub struct Snapshot {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn label_names_are_shared_and_compared_by_text_when_not() {
+        let a = Labels::new([("job", "a"), ("instance", "i")]);
+        let b = Labels::new([(String::from("job"), "b")]);
+        let job = |l: &Labels| {
+            l.pairs()
+                .iter()
+                .find(|(k, _)| &**k == "job")
+                .unwrap()
+                .0
+                .clone()
+        };
+        // Built apart, the two sets hold one copy of the name.
+        assert!(Arc::ptr_eq(&job(&a), &job(&b)));
+        // A name that is not the shared copy (past the table's limit) still compares equal.
+        let fresh: Arc<str> = Arc::from("job");
+        assert!(!Arc::ptr_eq(&fresh, &job(&a)));
+        assert!(same_name(&fresh, &job(&a)));
+        assert!(!same_name(&Arc::from("jab"), &job(&a)));
+        assert_eq!(a.metric_name(), None);
+        let named = Labels::with_name(&a, "up");
+        assert_eq!(named.metric_name().map(|n| &**n), Some("up"));
+    }
 
     #[test]
     fn a_set_with_its_name_drops_it_back_to_the_same_set() {

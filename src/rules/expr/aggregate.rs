@@ -13,7 +13,7 @@ use promql_parser::parser::token::{
 use promql_parser::parser::{AggregateExpr, Expr, LabelModifier};
 use rustc_hash::FxHashMap as HashMap;
 
-use super::eval::{Evaluator, Mean, Sample, Value, kahan_inc};
+use super::eval::{Evaluator, Mean, NamePick, Sample, Value, kahan_inc};
 use super::{NAME, SeriesSource, over_time, strip_parens};
 use crate::sample::Labels;
 
@@ -104,6 +104,8 @@ fn string_param(p: &Expr) -> Result<String, String> {
 struct Groups<T> {
     list: Vec<(Labels, T)>,
     index: HashMap<u64, usize>,
+    /// Built on the first sample: every call of one aggregation passes the same modifier.
+    pick: Option<NamePick>,
 }
 
 impl<T> Default for Groups<T> {
@@ -111,6 +113,7 @@ impl<T> Default for Groups<T> {
         Groups {
             list: Vec::new(),
             index: HashMap::default(),
+            pick: None,
         }
     }
 }
@@ -119,13 +122,18 @@ impl<T: Default> Groups<T> {
     /// The state of the group `labels` belongs to under `modifier`, new when it is the first.
     fn of(&mut self, labels: &Labels, modifier: Option<&LabelModifier>) -> &mut T {
         let list = &mut self.list;
-        let i = *self
-            .index
-            .entry(grouping_hash(labels, modifier))
-            .or_insert_with(|| {
-                list.push((grouping(labels, modifier), T::default()));
-                list.len() - 1
-            });
+        let hash = match modifier {
+            // No `by`/`without`: one group.
+            None => 0,
+            Some(m) => self
+                .pick
+                .get_or_insert_with(|| NamePick::new(Some(m)))
+                .hash(labels),
+        };
+        let i = *self.index.entry(hash).or_insert_with(|| {
+            list.push((grouping(labels, modifier), T::default()));
+            list.len() - 1
+        });
         &mut list[i].1
     }
 }
@@ -352,15 +360,4 @@ fn grouped(k: &str, modifier: Option<&LabelModifier>) -> bool {
         Some(LabelModifier::Include(keep)) => keep.labels.iter().any(|l| l == k),
         Some(LabelModifier::Exclude(drop)) => k != NAME && !drop.labels.iter().any(|l| l == k),
     }
-}
-
-/// The hash of what `grouping` keeps of `labels`, without building it.
-fn grouping_hash(labels: &Labels, modifier: Option<&LabelModifier>) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = crate::sample::hasher();
-    for (k, v) in labels.iter().filter(|(k, _)| grouped(k, modifier)) {
-        k.hash(&mut h);
-        v.hash(&mut h);
-    }
-    h.finish()
 }

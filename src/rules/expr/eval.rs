@@ -1,6 +1,7 @@
 //! Evaluation of a checked expression at one instant, with Prometheus's semantics for
 //! selectors (lookback, staleness), vector matching, name dropping and aggregation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use promql_parser::label::{MatchOp, Matcher};
@@ -16,7 +17,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{LOOKBACK, NAME, Query, SeriesSource, aggregate, functions};
 use crate::registry::{Point, is_stale_marker};
-use crate::sample::Labels;
+use crate::sample::{Labels, label_name, same_name};
 
 /// One element of an instant vector: a label set (with `__name__` when kept) and a value.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,7 +246,8 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
             Expr::Paren(p) => self.expr(&p.expr),
             Expr::Unary(u) => match self.expr(&u.expr)? {
                 Value::Scalar(v) => Ok(Value::Scalar(-v)),
-                Value::Vector(v) => Ok(Value::Vector(unique(
+                Value::Vector(v) => Ok(Value::Vector(unique_unless(
+                    one_name(v.iter().map(|s| &s.labels)),
                     v.into_iter()
                         .map(|s| Sample {
                             labels: drop_name(&s.labels),
@@ -311,6 +313,33 @@ impl<'a, S: SeriesSource> Evaluator<'a, S> {
                 (!points.is_empty()).then_some((labels, points))
             })
             .collect()
+    }
+
+    /// A range selector read in place: `f` gets each series' samples in `(t - range, t]`,
+    /// stale markers left out, without a copy of each series (the registry holds its lock
+    /// meanwhile, so `f` must be quick).
+    pub(super) fn each_range(
+        &self,
+        vs: &VectorSelector,
+        range: Duration,
+        mut f: impl FnMut(&Labels, &[Point]),
+    ) {
+        let t = self.at(vs);
+        let start = t - ms(range) + 1;
+        let mut kept = Vec::new();
+        self.source
+            .each_range(&matchers(vs), start, t, &mut |labels, points| {
+                // Stale markers are rare: copy only the series that has one.
+                if points.iter().any(|p| is_stale_marker(p.v)) {
+                    kept.clear();
+                    kept.extend(points.iter().filter(|p| !is_stale_marker(p.v)));
+                    if !kept.is_empty() {
+                        f(labels, &kept);
+                    }
+                } else if !points.is_empty() {
+                    f(labels, points);
+                }
+            });
     }
 
     fn binary(&self, b: &BinaryExpr) -> Result<Value, String> {
@@ -428,6 +457,48 @@ pub(super) fn drop_name(labels: &Labels) -> Labels {
     labels.without_name()
 }
 
+/// Whether all these label sets have the same metric name (or none): dropping it then leaves
+/// distinct sets distinct, and `unique` has nothing to check.
+pub(super) fn one_name<'a>(sets: impl Iterator<Item = &'a Labels>) -> bool {
+    let mut check = NameCheck::default();
+    sets.for_each(|l| check.see(l));
+    check.one()
+}
+
+/// `one_name`, for sets seen one at a time.
+#[derive(Default)]
+pub(super) struct NameCheck {
+    first: Option<Option<Arc<str>>>,
+    mixed: bool,
+}
+
+impl NameCheck {
+    pub(super) fn see(&mut self, labels: &Labels) {
+        let name = labels.metric_name();
+        match &self.first {
+            None => self.first = Some(name.cloned()),
+            Some(first) if !self.mixed => {
+                self.mixed = !match (first, name) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                    (None, None) => true,
+                    _ => false,
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    pub(super) fn one(&self) -> bool {
+        !self.mixed
+    }
+}
+
+/// `v` (samples whose labels had their name dropped), refused when two samples have the same
+/// labels; `one_name` says the input had a single name, so no two can.
+pub(super) fn unique_unless(one_name: bool, v: Vec<Sample>) -> Result<Vec<Sample>, String> {
+    if one_name { Ok(v) } else { unique(v) }
+}
+
 /// Refuses a vector in which two samples have the same labels (after a name was dropped).
 pub(super) fn unique(v: Vec<Sample>) -> Result<Vec<Sample>, String> {
     let mut seen = HashSet::with_capacity_and_hasher(v.len(), Default::default());
@@ -472,6 +543,8 @@ fn vector_scalar(
         ));
     }
     let comparison = op.is_comparison_operator();
+    // A filtering comparison keeps labels as they were: nothing to check.
+    let same = (comparison && !return_bool) || one_name(v.iter().map(|s| &s.labels));
     let mut out = Vec::with_capacity(v.len());
     for sample in v {
         let (l, r) = if scalar_left {
@@ -497,30 +570,60 @@ fn vector_scalar(
             });
         }
     }
-    Ok(Value::Vector(unique(out)?))
+    Ok(Value::Vector(unique_unless(same, out)?))
 }
 
-/// The labels a vector match compares (the `on` list, or everything but the `ignoring` list and
-/// the metric name), as a hash: matching compares these, as Prometheus does, so no label set
-/// is built for it.
-fn signature(labels: &Labels, modifier: Option<&BinModifier>) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let matching = modifier.and_then(|m| m.matching.as_ref());
-    let mut h = crate::sample::hasher();
-    for (k, v) in labels.iter() {
-        let compared = match matching {
-            Some(LabelModifier::Include(on)) => on.labels.iter().any(|l| l == k),
-            Some(LabelModifier::Exclude(ignoring)) => {
-                k != NAME && !ignoring.labels.iter().any(|l| l == k)
-            }
-            None => k != NAME,
+/// Which labels a grouping (`by`/`without`) or a vector match (`on`/`ignoring`) looks at,
+/// with the listed names in their shared copies (`sample::label_name`) so that each label of
+/// each sample is picked by comparing pointers, not text. Built once per aggregation or match.
+pub(super) struct NamePick {
+    names: Vec<Arc<str>>,
+    /// `by`/`on`: only the listed names; otherwise every name but those and `__name__`.
+    include: bool,
+    name_label: Arc<str>,
+}
+
+impl NamePick {
+    pub(super) fn new(modifier: Option<&LabelModifier>) -> NamePick {
+        let (names, include) = match modifier {
+            None => (&[][..], false),
+            Some(LabelModifier::Include(l)) => (&l.labels[..], true),
+            Some(LabelModifier::Exclude(l)) => (&l.labels[..], false),
         };
-        if compared {
-            k.hash(&mut h);
-            v.hash(&mut h);
+        NamePick {
+            names: names.iter().map(|n| label_name(n)).collect(),
+            include,
+            name_label: label_name(NAME),
         }
     }
-    h.finish()
+
+    /// For a vector match: `on`/`ignoring`, or (without either) every label but the name.
+    pub(super) fn matching(modifier: Option<&BinModifier>) -> NamePick {
+        NamePick::new(modifier.and_then(|m| m.matching.as_ref()))
+    }
+
+    pub(super) fn picks(&self, k: &Arc<str>) -> bool {
+        let listed = self.names.iter().any(|n| same_name(n, k));
+        if self.include {
+            listed
+        } else {
+            !listed && !same_name(k, &self.name_label)
+        }
+    }
+
+    /// The hash of the picked labels: matching and grouping compare these, as Prometheus
+    /// does, so no label set is built for it.
+    pub(super) fn hash(&self, labels: &Labels) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = crate::sample::hasher();
+        for (k, v) in labels.pairs() {
+            if self.picks(k) {
+                k.hash(&mut h);
+                v.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
 }
 
 fn vector_vector(
@@ -529,29 +632,31 @@ fn vector_vector(
     rhs: Vec<Sample>,
     modifier: Option<&BinModifier>,
 ) -> Result<Value, String> {
+    let pick = NamePick::matching(modifier);
+    let signature = |l: &Labels| pick.hash(l);
     match op.id() {
         T_LAND => {
-            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels)).collect();
             Ok(Value::Vector(
                 lhs.into_iter()
-                    .filter(|s| right.contains(&signature(&s.labels, modifier)))
+                    .filter(|s| right.contains(&signature(&s.labels)))
                     .collect(),
             ))
         }
         T_LUNLESS => {
-            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let right: HashSet<u64> = rhs.iter().map(|s| signature(&s.labels)).collect();
             Ok(Value::Vector(
                 lhs.into_iter()
-                    .filter(|s| !right.contains(&signature(&s.labels, modifier)))
+                    .filter(|s| !right.contains(&signature(&s.labels)))
                     .collect(),
             ))
         }
         T_LOR => {
-            let left: HashSet<u64> = lhs.iter().map(|s| signature(&s.labels, modifier)).collect();
+            let left: HashSet<u64> = lhs.iter().map(|s| signature(&s.labels)).collect();
             let mut out = lhs;
             out.extend(
                 rhs.into_iter()
-                    .filter(|s| !left.contains(&signature(&s.labels, modifier))),
+                    .filter(|s| !left.contains(&signature(&s.labels))),
             );
             Ok(Value::Vector(out))
         }
@@ -572,10 +677,12 @@ fn matched(
     // The "many" side drives the match; for group_right that is the right-hand side.
     let one_to_many = matches!(card, VectorMatchCardinality::OneToMany(_));
     let (many, one) = if one_to_many { (rhs, lhs) } else { (lhs, rhs) };
+    let pick = NamePick::matching(modifier);
+    let signature = |l: &Labels| pick.hash(l);
     let mut by_sig: HashMap<u64, &Sample> =
         HashMap::with_capacity_and_hasher(one.len(), Default::default());
     for s in &one {
-        if by_sig.insert(signature(&s.labels, modifier), s).is_some() {
+        if by_sig.insert(signature(&s.labels), s).is_some() {
             let side = if one_to_many { "left" } else { "right" };
             return Err(format!(
                 "found duplicate series for the match group on the {side} hand-side of the operation; many-to-many matching not allowed: matching labels must be unique on one side"
@@ -587,7 +694,7 @@ fn matched(
     let mut out_labels: HashSet<Labels> = HashSet::default();
     let mut out = Vec::new();
     for m in &many {
-        let sig = signature(&m.labels, modifier);
+        let sig = signature(&m.labels);
         let Some(o) = by_sig.get(&sig) else {
             continue;
         };

@@ -3,7 +3,9 @@
 use promql_parser::label::MatchOp;
 use promql_parser::parser::{Call, Expr};
 
-use super::eval::{Evaluator, Sample, Value, drop_name, offset_ms, unique};
+use super::eval::{
+    Evaluator, NameCheck, Sample, Value, drop_name, offset_ms, unique, unique_unless,
+};
 use super::{NAME, SeriesSource, histogram, over_time, strip_parens};
 use crate::registry::Point;
 use crate::sample::Labels;
@@ -24,7 +26,7 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
         },
         "absent" => absent(ev, arg(args, 0)?),
         "absent_over_time" => {
-            let matrix = range_arg(ev, arg(args, 0)?)?.series;
+            let matrix = range_arg(ev, arg(args, 0)?)?;
             if matrix.is_empty() {
                 absent_labels(arg(args, 0)?)
             } else {
@@ -119,26 +121,23 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
             Ok(Value::Vector(unique(histogram::quantile(q, v)?)?))
         }
         "rate" | "increase" | "delta" => {
-            let RangeArg {
-                series: matrix,
-                range_s,
-                start,
-                end,
-            } = range_arg(ev, arg(args, 0)?)?;
             let counter = name != "delta";
             let per_second = name == "rate";
-            let out = matrix
-                .into_iter()
-                .filter_map(|(labels, points)| {
-                    extrapolated(&points, start, end, range_s, counter, per_second).map(|value| {
-                        Sample {
-                            labels: drop_name(&labels),
-                            value,
-                        }
-                    })
-                })
-                .collect();
-            Ok(Value::Vector(unique(out)?))
+            let range = arg(args, 0)?;
+            let (range_s, start, end) = range_window(ev, range)?;
+            let mut names = NameCheck::default();
+            let mut out = Vec::new();
+            each_series(ev, range, |labels, points| {
+                names.see(labels);
+                if let Some(value) = extrapolated(points, start, end, range_s, counter, per_second)
+                {
+                    out.push(Sample {
+                        labels: drop_name(labels),
+                        value,
+                    });
+                }
+            })?;
+            Ok(Value::Vector(unique_unless(names.one(), out)?))
         }
         "avg_over_time" | "min_over_time" | "max_over_time" | "sum_over_time"
         | "count_over_time" | "last_over_time" | "present_over_time" | "stddev_over_time"
@@ -150,22 +149,22 @@ pub(super) fn call<S: SeriesSource>(ev: &Evaluator<'_, S>, c: &Call) -> Result<V
                 "predict_linear" => (arg(args, 0)?, scalar_arg(ev, args, 1)?),
                 _ => (arg(args, 0)?, 0.0),
             };
-            let matrix = range_arg(ev, range)?.series;
             let keep_name = name == "last_over_time";
             let t_ms = ev.t_ms();
-            let out = matrix
-                .into_iter()
-                .filter_map(|(labels, points)| {
-                    let value = over_time::reduce(name, &points, arg, t_ms)?;
+            let mut names = NameCheck::default();
+            let mut out = Vec::new();
+            each_series(ev, range, |labels, points| {
+                names.see(labels);
+                if let Some(value) = over_time::reduce(name, points, arg, t_ms) {
                     let labels = if keep_name {
-                        labels
+                        labels.clone()
                     } else {
-                        drop_name(&labels)
+                        drop_name(labels)
                     };
-                    Some(Sample { labels, value })
-                })
-                .collect();
-            Ok(Value::Vector(unique(out)?))
+                    out.push(Sample { labels, value });
+                }
+            })?;
+            Ok(Value::Vector(unique_unless(keep_name || names.one(), out)?))
         }
         other => Err(format!("function `{other}` is not supported")),
     }
@@ -447,43 +446,58 @@ fn map<S: SeriesSource>(
     Ok(Value::Vector(unique(out)?))
 }
 
-/// A range argument: its series, its length in seconds, and its window's bounds in ms.
-struct RangeArg {
-    series: Vec<(Labels, Vec<Point>)>,
-    range_s: f64,
-    start: i64,
-    end: i64,
-}
-
-/// The range argument (a range selector or a subquery), with its length in seconds and the
-/// bounds of its window in ms.
-fn range_arg<S: SeriesSource>(ev: &Evaluator<'_, S>, arg: &Expr) -> Result<RangeArg, String> {
+/// The series of a range argument (a range selector or a subquery).
+fn range_arg<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    arg: &Expr,
+) -> Result<Vec<(Labels, Vec<Point>)>, String> {
     match arg {
-        Expr::MatrixSelector(ms) => {
-            let range_ms = i64::try_from(ms.range.as_millis()).unwrap_or(i64::MAX);
-            let end = ev
-                .at_time(ms.vs.at.as_ref())
-                .unwrap_or(ev.t_ms())
-                .saturating_sub(offset_ms(ms.vs.offset.as_ref()));
-            Ok(RangeArg {
-                series: ev.range(&ms.vs, ms.range),
-                range_s: ms.range.as_secs_f64(),
-                start: end.saturating_sub(range_ms),
-                end,
-            })
-        }
-        Expr::Subquery(sq) => {
-            let (series, end) = ev.subquery(sq)?;
-            let range_ms = i64::try_from(sq.range.as_millis()).unwrap_or(i64::MAX);
-            Ok(RangeArg {
-                series,
-                range_s: sq.range.as_secs_f64(),
-                start: end.saturating_sub(range_ms),
-                end,
-            })
-        }
+        Expr::MatrixSelector(ms) => Ok(ev.range(&ms.vs, ms.range)),
+        Expr::Subquery(sq) => Ok(ev.subquery(sq)?.0),
         Expr::Paren(p) => range_arg(ev, &p.expr),
         _ => Err("expected a range vector selector or a subquery".into()),
+    }
+}
+
+/// A range argument's length in seconds and its window's bounds in ms (the same as
+/// `range_arg` gives, without evaluating it).
+fn range_window<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    arg: &Expr,
+) -> Result<(f64, i64, i64), String> {
+    let (range, at, offset) = match arg {
+        Expr::MatrixSelector(ms) => (ms.range, ms.vs.at.as_ref(), ms.vs.offset.as_ref()),
+        Expr::Subquery(sq) => (sq.range, sq.at.as_ref(), sq.offset.as_ref()),
+        Expr::Paren(p) => return range_window(ev, &p.expr),
+        _ => return Err("expected a range vector selector or a subquery".into()),
+    };
+    let range_ms = i64::try_from(range.as_millis()).unwrap_or(i64::MAX);
+    let end = ev
+        .at_time(at)
+        .unwrap_or(ev.t_ms())
+        .saturating_sub(offset_ms(offset));
+    Ok((range.as_secs_f64(), end.saturating_sub(range_ms), end))
+}
+
+/// Calls `f` with each series of a range argument: a range selector's read in place, a
+/// subquery's as it computed them.
+fn each_series<S: SeriesSource>(
+    ev: &Evaluator<'_, S>,
+    arg: &Expr,
+    mut f: impl FnMut(&Labels, &[Point]),
+) -> Result<(), String> {
+    match arg {
+        Expr::MatrixSelector(ms) => {
+            ev.each_range(&ms.vs, ms.range, f);
+            Ok(())
+        }
+        Expr::Paren(p) => each_series(ev, &p.expr, f),
+        _ => {
+            for (labels, points) in range_arg(ev, arg)? {
+                f(&labels, &points);
+            }
+            Ok(())
+        }
     }
 }
 

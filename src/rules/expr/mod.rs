@@ -70,6 +70,21 @@ pub trait SeriesSource {
             })
             .collect()
     }
+
+    /// Calls `f` with each selected series' points in `[start_ms, end_ms]` (stale markers
+    /// included; series without points there may be left out), read in place where the source
+    /// can: what a range function needs, without a copy of each series.
+    fn each_range(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+        f: &mut dyn FnMut(&Labels, &[Point]),
+    ) {
+        for (labels, points) in self.select(matchers, start_ms, end_ms) {
+            f(&labels, &points);
+        }
+    }
 }
 
 /// The registry's history is what rules read.
@@ -80,8 +95,7 @@ impl SeriesSource for crate::registry::Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Vec<Point>)> {
-        let (name, equal, keep) = compiled(matchers);
-        crate::registry::Registry::select(self, name, &equal, keep, start_ms, end_ms)
+        crate::registry::Registry::select(self, &compiled(matchers), start_ms, end_ms)
     }
 
     fn select_last(
@@ -90,23 +104,28 @@ impl SeriesSource for crate::registry::Registry {
         start_ms: i64,
         end_ms: i64,
     ) -> Vec<(Labels, Point)> {
-        let (name, equal, keep) = compiled(matchers);
-        crate::registry::Registry::select_last(self, name, &equal, keep, start_ms, end_ms)
+        crate::registry::Registry::select_last(self, &compiled(matchers), start_ms, end_ms)
+    }
+
+    fn each_range(
+        &self,
+        matchers: &[promql_parser::label::Matcher],
+        start_ms: i64,
+        end_ms: i64,
+        f: &mut dyn FnMut(&Labels, &[Point]),
+    ) {
+        crate::registry::Registry::each_range(self, &compiled(matchers), start_ms, end_ms, f)
     }
 }
 
 /// The metric name an equality matcher asks for (a direct lookup in the registry; anything
 /// else walks every name), the label equalities (with a value: `x=""` also matches series
-/// without `x`) that let the registry look series up, and a filter for all the matchers but the
-/// name's equality, sorted once per selection rather than once per series.
-#[allow(clippy::type_complexity)]
+/// without `x`) that let the registry look series up, the filter's key (the matchers it tests,
+/// in a canonical order, so the registry can remember what it accepted), and a filter for all the
+/// matchers but the name's equality, sorted once per selection rather than once per series.
 fn compiled(
     matchers: &[promql_parser::label::Matcher],
-) -> (
-    Option<&str>,
-    Vec<(&str, &str)>,
-    impl Fn(&str, &Labels) -> bool + '_,
-) {
+) -> crate::registry::Selection<'_, impl Fn(&str, &Labels) -> bool + '_> {
     use promql_parser::label::MatchOp;
     let name = matchers
         .iter()
@@ -124,13 +143,42 @@ fn compiled(
         .into_iter()
         .filter(|m| !(name.is_some() && matches!(m.op, MatchOp::Equal)))
         .collect();
+    let mut parts: Vec<(&str, &str, &str)> = on_name
+        .iter()
+        .chain(on_labels.iter())
+        .map(|m| {
+            let op = match m.op {
+                MatchOp::Equal => "=",
+                MatchOp::NotEqual => "!=",
+                MatchOp::Re(_) => "=~",
+                MatchOp::NotRe(_) => "!~",
+            };
+            (m.name.as_str(), op, m.value.as_str())
+        })
+        .collect();
+    parts.sort_unstable();
+    // Each value carries its length, so no value can be read as another matcher:
+    // `a="b,c"` and `a="b",c=""` give different keys.
+    let mut key = String::with_capacity(parts.iter().map(|p| p.0.len() + p.2.len() + 8).sum());
+    for (name, op, value) in parts {
+        key.push_str(name);
+        key.push_str(op);
+        // Writing to a String cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{}:", value.len()));
+        key.push_str(value);
+    }
     let keep = move |n: &str, labels: &Labels| {
         on_name.iter().all(|m| m.is_match(n))
             && on_labels
                 .iter()
                 .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
     };
-    (name, equal, keep)
+    crate::registry::Selection {
+        name,
+        equal,
+        key: Some(key),
+        keep,
+    }
 }
 
 /// A parsed expression that `check` accepted.
