@@ -8,7 +8,9 @@
 //! Collection is decoupled from scraping: `publish` re-encodes the exposition body once per
 //! collection, so a scrape copies a prepared buffer and encodes only the few self-metrics. A slow
 //! or dead target can never slow `/metrics`, and concurrent scrapes never contend with
-//! collection for more than a pointer swap.
+//! collection for more than a pointer swap. The gzip form is compressed once per published
+//! body too (by the first scrape that asks for it), and a scrape compresses only the
+//! self-metrics after it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -91,6 +93,8 @@ pub struct Registry {
     body: RwLock<Arc<String>>,
     /// Serializes publishers (see `publish`).
     publishing: Mutex<()>,
+    /// `body` compressed, for the gzip scrapes; made by the first that finds it out of date.
+    gzipped: Mutex<Option<Arc<Deflated>>>,
     /// Per-collector bookkeeping for status and readiness.
     status: RwLock<BTreeMap<String, CollectorStatus>>,
     /// Collectors that must have made one attempt before we call ourselves ready.
@@ -106,6 +110,7 @@ impl Registry {
             latest: RwLock::new(BTreeMap::new()),
             body: RwLock::new(Arc::new(String::new())),
             publishing: Mutex::new(()),
+            gzipped: Mutex::new(None),
             status: RwLock::new(BTreeMap::new()),
             expected: RwLock::new(Vec::new()),
             history: Mutex::new(History::new(retention)),
@@ -214,13 +219,58 @@ impl Registry {
         let body = read(&self.body).clone();
         let mut out = String::with_capacity(body.len() + 4096);
         out.push_str(&body);
+        self.encode_own(&mut out);
+        out
+    }
+
+    /// `render`, gzip-compressed: one gzip member whose deflate stream is the collected part,
+    /// compressed once per published body and kept, followed by the exporter's own metrics,
+    /// compressed now. Decompressed, it is what `render` gives at the same moment.
+    pub fn render_gzip(&self) -> std::io::Result<Vec<u8>> {
+        use std::io::Write as _;
+        let body = read(&self.body).clone();
+        let collected = {
+            // Held while compressing: concurrent scrapes of a new body wait for one
+            // compression instead of each making their own.
+            let mut kept = lock(&self.gzipped);
+            match kept.as_ref() {
+                Some(d) if Arc::ptr_eq(&d.of, &body) => d.clone(),
+                _ => {
+                    let d = Arc::new(Deflated::new(body)?);
+                    *kept = Some(d.clone());
+                    d
+                }
+            }
+        };
+        let mut own = String::with_capacity(4096);
+        self.encode_own(&mut own);
+        let mut crc = collected.crc.clone();
+        let mut own_crc = crc32fast::Hasher::new();
+        own_crc.update(own.as_bytes());
+        crc.combine(&own_crc);
+        let len = collected.of.len().wrapping_add(own.len());
+        let mut out = Vec::with_capacity(collected.deflate.len() + own.len() / 4 + 32);
+        // ID1 ID2, deflate, no flags, no time, no extra flags, unknown OS (RFC 1952).
+        out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
+        out.extend_from_slice(&collected.deflate);
+        // A deflate stream may go on after a sync flush with blocks compressed afresh: the
+        // own metrics end it with the final block.
+        let mut tail = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+        tail.write_all(own.as_bytes())?;
+        let mut out = tail.finish()?;
+        out.extend_from_slice(&crc.finalize().to_le_bytes());
+        // ISIZE: the uncompressed length modulo 2^32, as the format defines it.
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        Ok(out)
+    }
+
+    fn encode_own(&self, out: &mut String) {
         let own = self.own.registry.gather();
         // Appending to a String cannot fail; an error would only mean an empty family, which
         // `gather` never returns.
-        if let Err(err) = prometheus::TextEncoder::new().encode_utf8(&own, &mut out) {
+        if let Err(err) = prometheus::TextEncoder::new().encode_utf8(&own, out) {
             tracing::warn!(error = %err, "encoding the exporter's own metrics failed");
         }
-        out
     }
 
     /// The stored points of every series named `name` with a point in `[start_ms, end_ms]`,
@@ -469,6 +519,33 @@ fn encode_merged(snapshots: &[Arc<Vec<Family>>]) -> String {
         tracing::warn!(error = %err, "encoding collected metrics failed");
     }
     out
+}
+
+/// A published body as the start of a raw deflate stream, ended by a sync flush (byte-aligned,
+/// not final) so that more can follow, with the CRC of the text it holds.
+struct Deflated {
+    of: Arc<String>,
+    deflate: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+impl Deflated {
+    fn new(of: Arc<String>) -> std::io::Result<Deflated> {
+        use std::io::Write as _;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(of.as_bytes());
+        let mut e = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(of.len() / 8),
+            flate2::Compression::default(),
+        );
+        e.write_all(of.as_bytes())?;
+        // A sync flush: everything written so far is out, and the stream is not finished.
+        e.flush()?;
+        // Taken before the encoder is dropped (dropping it writes the end of the stream,
+        // into the emptied buffer that is thrown away).
+        let deflate = std::mem::take(e.get_mut());
+        Ok(Deflated { of, deflate, crc })
+    }
 }
 
 /// One stored series: its label set with `__name__` (built once, handed out by reference
@@ -831,6 +908,47 @@ mod tests {
         assert!(
             pieces > 10,
             "the buffer wrapped {pieces} times in {reads} reads"
+        );
+    }
+
+    fn gunzip(bytes: &[u8]) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        // A single gzip member: a reader that stops after the first one sees it all.
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    }
+
+    /// The exposition without the exporter's own metrics, which change from call to call.
+    fn collected(text: &str) -> String {
+        text.lines()
+            .filter(|l| !l.contains("autotuner_") && !l.contains("process_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn gzip_is_the_plain_exposition_and_follows_each_published_body() {
+        let r = Registry::new(Duration::from_secs(600)).unwrap();
+        r.publish("a", fams(&[("m", "x", 1.0), ("m", "y", 2.0)]), 1_000);
+        let (plain, gz) = (r.render(), gunzip(&r.render_gzip().unwrap()));
+        assert_eq!(collected(&gz), collected(&plain));
+        assert!(gz.contains("m{device=\"x\"} 1\n"), "{gz}");
+        // The own metrics come after the collected part, in the same member.
+        assert!(gz.contains("# TYPE autotuner_"), "{gz}");
+        // Asked again, the kept compression serves; a new body is compressed anew.
+        assert_eq!(
+            collected(&gunzip(&r.render_gzip().unwrap())),
+            collected(&plain)
+        );
+        r.publish("a", fams(&[("m", "x", 5.0)]), 2_000);
+        let gz = gunzip(&r.render_gzip().unwrap());
+        assert_eq!(collected(&gz), collected(&r.render()));
+        assert!(
+            gz.contains("m{device=\"x\"} 5\n") && !gz.contains("device=\"y\""),
+            "{gz}"
         );
     }
 

@@ -39,7 +39,6 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tower_http::compression::CompressionLayer;
 
 use crate::advisor::Recommendations;
 use crate::registry::Registry;
@@ -66,16 +65,9 @@ pub struct AppState {
 
 /// The router for `state`.
 pub fn router(state: AppState) -> Router {
-    let metrics = Router::new()
-        .route(&state.telemetry_path, get(metrics::handler))
-        // Prometheus asks for gzip; the exposition compresses about tenfold.
-        .layer(
-            CompressionLayer::new()
-                .gzip(true)
-                .no_br()
-                .no_deflate()
-                .no_zstd(),
-        );
+    // Prometheus asks for gzip; the exposition compresses about tenfold (the handler
+    // compresses, once per published body).
+    let metrics = Router::new().route(&state.telemetry_path, get(metrics::handler));
     Router::new()
         .route("/", get(landing::handler))
         .route("/-/healthy", get(healthy))
