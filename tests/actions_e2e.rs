@@ -572,7 +572,23 @@ async fn verification_records_whether_it_helped_and_reverts_a_knob_change_that_m
         s.value("autotuner_knob_value", &[("knob", "batch_size")]),
         Some(1000.0)
     );
-    let records = audit(&data);
+    // A verification is counted just before its audit record is written: the file is read
+    // until both records are there.
+    let verified = |records: &[Record], rule: &str| {
+        records
+            .iter()
+            .any(|r| r.phase == "verification" && r.rule.as_deref() == Some(rule))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = audit(&data);
+        if (verified(&records, "Hurts") && verified(&records, "Helps"))
+            || std::time::Instant::now() > deadline
+        {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let hurt = records
         .iter()
         .find(|r| r.phase == "verification" && r.rule.as_deref() == Some("Hurts"))
