@@ -6,13 +6,15 @@
 #
 #   scripts/lib/bench/tick_instructions.sh [bench-binary]
 #
-# Without an argument it builds the engine benchmark (cargo bench --no-run) and uses it.
+# Without an argument it builds the engine benchmark (cargo bench --no-run) with symbols kept
+# (the release profile strips them, and callgrind finds the tick by its name) and uses it.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 bin=${1:-}
 if [ -z "$bin" ]; then
-  bin=$(cargo bench --bench engine --no-run --message-format=json 2>/dev/null \
+  bin=$(CARGO_PROFILE_BENCH_DEBUG=line-tables-only CARGO_PROFILE_BENCH_STRIP=none \
+    cargo bench --bench engine --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
