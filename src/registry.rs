@@ -228,11 +228,12 @@ impl Registry {
     /// compressed now. Decompressed, it is what `render` gives at the same moment.
     pub fn render_gzip(&self) -> std::io::Result<Vec<u8>> {
         use std::io::Write as _;
-        let body = read(&self.body).clone();
         let collected = {
             // Held while compressing: concurrent scrapes of a new body wait for one
-            // compression instead of each making their own.
+            // compression instead of each making their own. The body is read under it, so a
+            // scrape that read an older body cannot replace a newer compression with its own.
             let mut kept = lock(&self.gzipped);
+            let body = read(&self.body).clone();
             match kept.as_ref() {
                 Some(d) if Arc::ptr_eq(&d.of, &body) => d.clone(),
                 _ => {

@@ -14,8 +14,11 @@ use crate::registry::TEXT_CONTENT_TYPE;
 pub(super) async fn handler(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let vary = (header::VARY, "Accept-Encoding");
     if accepts_gzip(&headers) {
-        match state.registry.render_gzip() {
-            Ok(body) => {
+        // Compressing a new body takes milliseconds: off the async workers, so other
+        // requests never wait behind it.
+        let registry = state.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.render_gzip()).await {
+            Ok(Ok(body)) => {
                 return (
                     [
                         (header::CONTENT_TYPE, TEXT_CONTENT_TYPE),
@@ -28,7 +31,8 @@ pub(super) async fn handler(State(state): State<AppState>, headers: HeaderMap) -
             }
             // Compressing into memory does not fail in practice; if it does, the plain
             // body still serves the scrape.
-            Err(err) => tracing::warn!(error = %err, "compressing /metrics failed"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "compressing /metrics failed"),
+            Err(err) => tracing::warn!(error = %err, "compressing /metrics did not finish"),
         }
     }
     (

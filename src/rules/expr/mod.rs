@@ -158,12 +158,14 @@ fn compiled(
         .collect();
     parts.sort_unstable();
     // Each value carries its length, so no value can be read as another matcher:
-    // `a="b,c"` and `a="b",c=""` give different keys.
-    let mut key = String::with_capacity(parts.iter().map(|p| p.0.len() + p.2.len() + 8).sum());
+    // `a="b,c"` and `a="b",c=""` give different keys; names carry theirs too, as a quoted
+    // name may hold an operator (`{"job!"="x"}` is not `{job!="x"}`).
+    let mut key = String::with_capacity(parts.iter().map(|p| p.0.len() + p.2.len() + 12).sum());
     for (name, op, value) in parts {
+        // Writing to a String cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{}:", name.len()));
         key.push_str(name);
         key.push_str(op);
-        // Writing to a String cannot fail.
         let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{}:", value.len()));
         key.push_str(value);
     }
@@ -658,6 +660,15 @@ fn reach(expr: &Expr) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn selection_keys_tell_a_quoted_name_holding_an_operator_apart() {
+        use promql_parser::label::{MatchOp, Matcher};
+        let key = |m: Matcher| super::compiled(std::slice::from_ref(&m)).key;
+        let quoted = key(Matcher::new(MatchOp::Equal, "job!", "x"));
+        let negated = key(Matcher::new(MatchOp::NotEqual, "job", "x"));
+        assert_ne!(quoted, negated);
+    }
+
     use super::*;
 
     #[test]
