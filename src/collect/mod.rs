@@ -8,6 +8,7 @@
 //! cut off at its timeout, and its failure is a metric (`autotuner_collector_up 0`) and one log
 //! line when it starts failing, not one per interval.
 
+pub mod exposition;
 pub mod host;
 pub mod http_probe;
 pub mod pgbouncer;
