@@ -19,6 +19,7 @@ use crate::collect::http_probe::HttpProbeCollector;
 use crate::collect::pgbouncer::PgBouncerCollector;
 use crate::collect::postgres::{self, PostgresCollector};
 use crate::collect::redis::{self, RedisCollector};
+use crate::collect::scrape::ScrapeCollector;
 use crate::http::admin::Admin;
 use crate::http::auth::Auth;
 use crate::http::intake::AlertIntake;
@@ -230,6 +231,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tasks.push(start(collector, probes.timing, &registry, &shutdown));
     }
 
+    let scrape = &settings.config.scrape;
+    for target in &scrape.targets {
+        let timing = crate::settings::Timing {
+            interval: target.interval,
+            timeout: collect::scrape::schedule_timeout(target),
+        };
+        let collector = ScrapeCollector::new(target.clone(), registry.clone(), scrape.republish)
+            .context("starting a scrape target")?;
+        tasks.push(start(collector, timing, &registry, &shutdown));
+    }
+
     // The rule engine, its reload triggers (file watcher, SIGHUP, POST /-/reload) funnelled into
     // one channel, and the actions stage that takes its requests.
     let data_dir = match std::fs::create_dir_all(&settings.data_dir) {
@@ -248,7 +260,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     ));
     tasks.push(tokio::spawn(intake.clone().run(shutdown.clone())));
     let (request_tx, request_rx) = tokio::sync::mpsc::channel::<ActionRequest>(1024);
-    let engine = Engine::with_knobs(
+    let engine = Engine::with_declared(
         registry.clone(),
         settings.rules_dir.clone(),
         data_dir,
@@ -261,8 +273,28 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 .map(|k| k.name.clone())
                 .collect(),
         ),
+        Some(
+            settings
+                .config
+                .sources
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
+        ),
     )
     .context("starting the rule engine")?;
+    let mut sources = Vec::new();
+    for s in &settings.config.sources {
+        sources.push(rules::source::Source::new(s.clone()).map_err(|e| anyhow::anyhow!(e))?);
+    }
+    let source_metrics =
+        rules::source::SourceMetrics::new(&registry).context("registering the sources' metrics")?;
+    tasks.push(tokio::spawn(rules::source::run(
+        engine.clone(),
+        sources,
+        source_metrics,
+        shutdown.clone(),
+    )));
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = match rules::engine::watch(&settings.rules_dir, reload_tx.clone()) {
         Ok(w) => Some(w),

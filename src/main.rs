@@ -57,7 +57,8 @@ fn check_config(files: &[std::path::PathBuf]) -> ExitCode {
 
 /// `autotuner check rules [--config.file FILE] FILE...`, in the promtool style: every error of
 /// every file, then the warnings; exit 1 if there was any error. Given the configuration, a
-/// knob action naming a knob it does not declare is an error.
+/// knob action naming a knob it does not declare is an error, and so is a group naming a
+/// source it does not declare.
 fn check_rules(config: Option<&std::path::Path>, files: &[std::path::PathBuf]) -> ExitCode {
     let mut loaded = autotuner::rules::compile::load_files(files);
     if let Some(path) = config {
@@ -69,6 +70,13 @@ fn check_rules(config: Option<&std::path::Path>, files: &[std::path::PathBuf]) -
                     .extend(autotuner::rules::compile::undeclared_knobs(
                         &loaded.rules,
                         &declared,
+                    ));
+                let sources = c.sources.iter().map(|s| s.name.clone()).collect();
+                loaded
+                    .errors
+                    .extend(autotuner::rules::compile::undeclared_sources(
+                        &loaded.rules,
+                        &sources,
                     ));
             }
             Err(err) => {

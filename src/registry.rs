@@ -42,6 +42,19 @@ pub struct Point {
     pub v: f64,
 }
 
+/// One sample scraped from another program, as the history stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scraped {
+    /// The series name.
+    pub name: String,
+    /// Its labels (without the name).
+    pub labels: Labels,
+    /// Its own timestamp, when the payload gave one and it is honoured.
+    pub t_ms: Option<i64>,
+    /// The value.
+    pub value: f64,
+}
+
 /// The content type of the text exposition format we serve.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -153,6 +166,34 @@ impl Registry {
             self.own.history_series.set(history.series as f64);
             self.own.history_points.set(history.points as f64);
         }
+        self.serve(collector, families);
+    }
+
+    /// What a scrape of another program brought: appended to the history, each point at its
+    /// own time (its timestamp in the payload, or the scrape's), series the previous scrape
+    /// had and this one has not marked stale (except those that came with their own
+    /// timestamps, which Prometheus exempts too). Served on `/metrics` only when `serve` gives
+    /// the families to serve (an empty list withdraws what was served before).
+    pub fn publish_scraped(
+        &self,
+        collector: &str,
+        points: &[Scraped],
+        at_ms: i64,
+        serve: Option<Vec<Family>>,
+    ) {
+        {
+            let mut history = lock(&self.history);
+            history.append_scraped(collector, points, at_ms);
+            self.own.history_series.set(history.series as f64);
+            self.own.history_points.set(history.points as f64);
+        }
+        if let Some(families) = serve {
+            self.serve(collector, Arc::new(families));
+        }
+    }
+
+    /// Replaces what `collector` has on `/metrics` and re-encodes the exposition.
+    fn serve(&self, collector: &str, families: Arc<Vec<Family>>) {
         let samples = families.iter().map(|f| f.samples.len()).sum();
         // One publisher at a time from snapshot to stored body: two collectors finishing
         // together must not store their bodies in the wrong order (an older body would bring
@@ -677,6 +718,30 @@ impl History {
                 now_present.insert((family.name.clone(), sample.labels.clone()));
             }
         }
+        self.end_gone(collector, now_present, at_ms);
+    }
+
+    fn append_scraped(&mut self, collector: &str, points: &[Scraped], at_ms: i64) {
+        let mut now_present: HashSet<(String, Labels)> = HashSet::default();
+        for p in points {
+            self.push(
+                &p.name,
+                &p.labels,
+                Point {
+                    t_ms: p.t_ms.unwrap_or(at_ms),
+                    v: p.value,
+                },
+            );
+            if p.t_ms.is_none() {
+                now_present.insert((p.name.clone(), p.labels.clone()));
+            }
+        }
+        self.end_gone(collector, now_present, at_ms);
+    }
+
+    /// Marks stale the series `collector` had last time and not in `now_present`, remembers
+    /// `now_present` for next time, and drops what is past the retention.
+    fn end_gone(&mut self, collector: &str, now_present: HashSet<(String, Labels)>, at_ms: i64) {
         let before = self
             .by_collector
             .insert(collector.to_owned(), now_present.clone())

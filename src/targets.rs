@@ -292,3 +292,53 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A client for another HTTP server (a scrape target, a PromQL source): its TLS roots and
+/// certificate policy, and an overall timeout a little above the caller's own deadline so that
+/// the caller's deadline, with its clearer message, is the one that fires.
+pub fn http_client(
+    auth: &crate::settings::HttpAuth,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout + Duration::from_millis(500))
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .tls_danger_accept_invalid_certs(auth.insecure_skip_verify)
+        .user_agent(concat!("autotuner/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &auth.tls_ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|err| format!("reading tls_ca_file {}: {err}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|err| format!("tls_ca_file {}: {}", path.display(), error_chain(&err)))?;
+        // The CA given is the one to trust, as Prometheus's `ca_file` means.
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|err| format!("preparing the HTTP client: {}", error_chain(&err)))
+}
+
+/// Adds the configured headers and credentials to a request. Secrets are read from their
+/// files now, so a rotated token is used at the next request; the error names the file,
+/// never its content.
+pub fn authorize(
+    mut request: reqwest::RequestBuilder,
+    auth: &crate::settings::HttpAuth,
+) -> Result<reqwest::RequestBuilder, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|err| format!("reading {}: {err}", path.display()))
+    };
+    for (name, value) in &auth.headers {
+        request = request.header(name, value);
+    }
+    if let Some((user, file)) = &auth.basic_auth {
+        request = request.basic_auth(user, Some(read(file)?));
+    }
+    if let Some(file) = &auth.bearer_token_file {
+        request = request.bearer_auth(read(file)?);
+    }
+    Ok(request)
+}

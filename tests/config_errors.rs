@@ -122,3 +122,48 @@ fn a_port_in_use_fails_the_start_with_the_address() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("listening on {addr}")), "{stderr}");
 }
+
+/// The configuration examples the documentation shows are valid configurations: every ```yaml
+/// block of README.md and docs/app-metrics.md that starts with a top-level configuration key
+/// passes `autotuner check config`.
+#[test]
+fn the_documented_configuration_examples_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let keys = [
+        "collectors:",
+        "targets:",
+        "sources:",
+        "history:",
+        "actions:",
+        "knobs:",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for doc in ["README.md", "docs/app-metrics.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for (i, block) in text.split("```yaml\n").skip(1).enumerate() {
+            let block = block.split("```").next().unwrap();
+            let first = block
+                .lines()
+                .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+                .unwrap_or_default();
+            if !keys.iter().any(|k| first.starts_with(k)) {
+                continue;
+            }
+            let path = write(&dir, &format!("{}-{i}.yml", doc.replace('/', "-")), block);
+            let out = Command::new(BIN)
+                .args(["check", "config", &path])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{doc}, yaml block {i}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    // The README's full example and app-metrics.md's two.
+    assert!(checked >= 3, "only {checked} blocks checked");
+}

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Autotuner, PgEnv, RedisServer, pg_connect, require, write_config};
+use common::{Autotuner, PgEnv, RedisServer, pg_connect, require, until, write_config};
 use promql_parser::parser::{self, Expr};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -945,26 +945,6 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("----- {} log -----\n{}", self.name, self.log());
         }
-    }
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what` and the last state at the
-/// deadline.
-async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                Instant::now() < deadline,
-                "{what} not seen within {limit:?}; last: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -29,6 +29,36 @@ fn the_shipped_rules_pass_their_unit_tests() {
     assert_eq!(stdout.matches("SUCCESS").count(), 4, "{stdout}");
 }
 
+/// The examples' rules check against the example configuration (the knob and the source it
+/// names are declared there) and the local one passes its unit test.
+#[test]
+fn the_example_rules_check_and_pass_their_unit_tests() {
+    let config = root().join("examples/app-latency/autotuner.yml");
+    for rules in [
+        "examples/app-latency/rules/app_latency.yml",
+        "examples/app-latency-fleet/rules/app_latency.yml",
+    ] {
+        let out = Command::new(BIN)
+            .args(["check", "rules"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(root().join(rules))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{rules}: {stdout}{stderr}");
+        assert!(stdout.contains("SUCCESS: 1 rules found"), "{stdout}");
+    }
+    let out = Command::new(BIN)
+        .args(["test", "rules"])
+        .arg(root().join("examples/app-latency/rules/tests/app_latency_test.yml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("SUCCESS"), "{stdout}");
+}
+
 #[test]
 fn our_evaluator_and_promtool_agree_on_the_cross_check_cases() {
     let file = root().join("tests/promql/cross_check.yml");

@@ -16,6 +16,8 @@ TEST_PACKAGES=(
   "/usr/lib/postgresql/15/bin/initdb:postgresql-15"
   "/usr/share/postgresql/15/extension/hypopg.control:postgresql-15-hypopg"
   "pgbouncer:pgbouncer"
+  "prometheus-node-exporter:prometheus-node-exporter"
+  "/usr/lib/python3/dist-packages/prometheus_client/__init__.py:python3-prometheus-client"
 )
 
 ensure_packages() {

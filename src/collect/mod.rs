@@ -14,6 +14,7 @@ pub mod http_probe;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod redis;
+pub mod scrape;
 pub mod window;
 
 use std::future::Future;

@@ -29,6 +29,7 @@ pub mod auth;
 pub mod intake;
 mod landing;
 mod metrics;
+mod query;
 pub mod webconfig;
 
 use std::net::SocketAddr;
@@ -76,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/recommendations", get(recommendations))
         .merge(admin::routes())
+        .merge(query::routes())
         .merge(metrics)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -59,6 +59,8 @@ pub struct Rule {
     pub verify: Option<VerifySpec>,
     /// The knobs its actions move, each with where its action is written (line, column).
     pub knobs: Vec<(String, usize, usize)>,
+    /// The PromQL server that evaluates it (its group's `source`), when not the local history.
+    pub remote: Option<String>,
     /// Where it is written, for messages.
     pub source: PathBuf,
     /// Its line in the file.
@@ -227,13 +229,25 @@ impl Compiler<'_> {
                     "interval must be at least 1s: the engine evaluates at most once a second (leave it out for the default 5s)",
                 );
             }
+            if let Some(s) = &group.source
+                && s.trim().is_empty()
+            {
+                self.error(
+                    &at("source"),
+                    "source must name a source of the configuration",
+                );
+            }
             let GroupSpec {
-                name: gname, rules, ..
+                name: gname,
+                rules,
+                source,
+                ..
             } = group;
             for (r, rule) in rules.into_iter().enumerate() {
                 let mut rpath = gpath.clone();
                 rpath.extend(["rules".into(), r.into()]);
-                self.rule(rule, &gname, interval, &rpath, names, knobs);
+                let group = (gname.as_str(), interval, source.as_deref());
+                self.rule(rule, group, &rpath, names, knobs);
             }
         }
     }
@@ -241,8 +255,7 @@ impl Compiler<'_> {
     fn rule(
         &mut self,
         spec: RuleSpec,
-        group: &str,
-        interval: Duration,
+        (group, interval, remote): (&str, Duration, Option<&str>),
         path: &[Seg],
         names: &mut HashMap<String, (PathBuf, usize)>,
         knobs: &mut HashMap<String, String>,
@@ -384,6 +397,22 @@ impl Compiler<'_> {
                 );
             }
         }
+        if remote.is_some() {
+            // What these would mean depends on the local history, which a remote group does
+            // not read: refused rather than given a meaning of our own.
+            if spec.verify.is_some() {
+                self.error(
+                    &at("verify"),
+                    "verify is evaluated over the local history; a rule of a group with a `source` cannot have one",
+                );
+            }
+            if spec.on_absent.is_some() {
+                self.error(
+                    &at("on_absent"),
+                    "on_absent does not apply to a group with a `source`: an empty answer is a condition that does not hold, as in Prometheus's rule manager",
+                );
+            }
+        }
         if let Some(v) = &spec.verify {
             for (field, text) in [("expr", Some(&v.expr)), ("worse", v.worse.as_ref())] {
                 if let Some(Err(e)) = text.map(|t| Query::parse(t)) {
@@ -417,6 +446,7 @@ impl Compiler<'_> {
                 actions: spec.actions,
                 verify: spec.verify,
                 knobs: moved,
+                remote: remote.map(str::to_owned),
                 source: self.file.to_owned(),
                 line,
             });
@@ -447,6 +477,31 @@ pub fn undeclared_knobs(
         }
     }
     out
+}
+
+/// The rules of `rules` whose group names a source `declared` does not hold, located at the
+/// rule: such a rule could never be evaluated.
+pub fn undeclared_sources(
+    rules: &[Rule],
+    declared: &std::collections::BTreeSet<String>,
+) -> Vec<Problem> {
+    rules
+        .iter()
+        .filter_map(|r| {
+            let s = r.remote.as_ref()?;
+            (!declared.contains(s)).then(|| {
+                problem(
+                    &r.source,
+                    r.line,
+                    1,
+                    format!(
+                        "rule {:?} is evaluated by source {s:?}, which the configuration does not declare (add it under `sources:`)",
+                        r.name
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 /// For the common threshold form (`m > 0.8` with `clear: m < 0.7`): a `clear` that can hold

@@ -30,6 +30,9 @@ pub struct GroupSpec {
     pub name: String,
     /// How often its rules are evaluated (default 5s, the collectors' default interval).
     pub interval: Option<RuleDuration>,
+    /// A PromQL server (declared under `sources:` in the configuration) that evaluates the
+    /// group's conditions instead of the local history.
+    pub source: Option<String>,
     /// Its rules.
     pub rules: Vec<RuleSpec>,
 }

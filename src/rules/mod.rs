@@ -10,5 +10,6 @@ pub mod compile;
 pub mod engine;
 pub mod expr;
 pub mod file;
+pub mod source;
 pub mod state;
 pub mod unit;

@@ -41,6 +41,10 @@ pub struct Config {
     pub actions: ActionsConfig,
     /// The knobs actions may move.
     pub knobs: Vec<KnobDecl>,
+    /// Application endpoints scraped into the history.
+    pub scrape: super::remote::ScrapeConfig,
+    /// PromQL servers rule groups may be evaluated by.
+    pub sources: Vec<super::remote::SourceConfig>,
 }
 
 /// Which mode rules act in, at most.
@@ -244,6 +248,7 @@ struct ConfigSpec {
     history: HistorySpec,
     actions: ActionsSpec,
     knobs: std::collections::BTreeMap<String, KnobSpec>,
+    sources: std::collections::BTreeMap<String, super::remote::SourceSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +366,7 @@ struct CollectorsSpec {
     http_probe: ProbeSpec,
     postgres: PostgresSpec,
     pgbouncer: PgBouncerSpec,
+    scrape: super::remote::ScrapeSpec,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -370,6 +376,7 @@ struct TargetsSpec {
     http: Vec<HttpTargetSpec>,
     postgres: Vec<UrlTargetSpec>,
     pgbouncer: Vec<UrlTargetSpec>,
+    scrape: Vec<super::remote::ScrapeTargetSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -569,17 +576,17 @@ const MAX_RETENTION: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Collects validation errors at their locations.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     loc: &'a Locator,
     errors: Vec<Diagnostic>,
 }
 
 impl Checker<'_> {
-    fn error(&mut self, path: &[Seg], message: impl Into<String>) {
+    pub(super) fn error(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(self.loc.error_at(path, message));
     }
 
-    fn regex(&mut self, path: &[Seg], pattern: &str) -> Option<Regex> {
+    pub(super) fn regex(&mut self, path: &[Seg], pattern: &str) -> Option<Regex> {
         match Regex::new(pattern) {
             Ok(r) => Some(r),
             Err(err) => {
@@ -591,7 +598,7 @@ impl Checker<'_> {
 
     /// Interval and timeout of one collector; the timeout defaults to four fifths of the
     /// interval, so an overrunning run is cut off before the next one is due.
-    fn timing(
+    pub(super) fn timing(
         &mut self,
         collector: &str,
         interval: HumanDuration,
@@ -623,7 +630,7 @@ impl Checker<'_> {
 
     /// Target names become label values and identify targets in logs: short and plain, and
     /// unique within their kind.
-    fn target_name(&mut self, path: &[Seg], name: &str, seen: &mut HashSet<String>) {
+    pub(super) fn target_name(&mut self, path: &[Seg], name: &str, seen: &mut HashSet<String>) {
         let plain = !name.is_empty()
             && name.len() <= 64
             && name
@@ -639,7 +646,7 @@ impl Checker<'_> {
         }
     }
 
-    fn url(&mut self, path: &[Seg], text: &str, schemes: &[&str]) -> Option<SecretUrl> {
+    pub(super) fn url(&mut self, path: &[Seg], text: &str, schemes: &[&str]) -> Option<SecretUrl> {
         match SecretUrl::parse(text) {
             Ok(url) if schemes.contains(&url.scheme()) => Some(url),
             Ok(url) => {
@@ -813,6 +820,9 @@ impl ConfigSpec {
             }
         }
 
+        let scrape = c.scrape(&self.collectors.scrape, &self.targets.scrape);
+        let sources = c.sources(&self.sources);
+
         let retention = self.history.retention.0;
         let retention_path: Vec<Seg> = vec!["history".into(), "retention".into()];
         if retention > MAX_RETENTION {
@@ -833,6 +843,9 @@ impl ConfigSpec {
         }
         if !bouncer_targets.is_empty() {
             longest = longest.max(bouncer_timing.interval);
+        }
+        for t in &scrape.targets {
+            longest = longest.max(t.interval);
         }
         if retention < longest {
             c.error(
@@ -889,6 +902,8 @@ impl ConfigSpec {
                     history_retention: retention,
                     actions,
                     knobs,
+                    scrape,
+                    sources,
                 })
             }
             _ => {

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::yaml::Diagnostic;
 
 pub mod config;
+pub mod remote;
 pub mod secret;
 
 pub use config::{
@@ -26,6 +27,7 @@ pub use config::{
     HttpTarget, POSTGRES_SCHEMES, PgBouncerConfig, PostgresConfig, ProbeConfig, REDIS_SCHEMES,
     RedisConfig, Target, Timing,
 };
+pub use remote::{HttpAuth, ScrapeConfig, ScrapeTarget, SourceConfig};
 use secret::SecretUrl;
 
 /// The default listen port. The 9100–9999 block of Prometheus's default port allocations is

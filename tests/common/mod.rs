@@ -962,3 +962,23 @@ impl Alertmanager {
             .unwrap()
     }
 }
+
+/// Polls `check` every 250 ms until it returns `Ok`, or panics with `what` and the last `Err`
+/// at the deadline.
+pub async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what} not seen within {limit:?}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

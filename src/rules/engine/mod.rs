@@ -18,9 +18,11 @@
 
 mod persist;
 mod reload;
+mod remote;
 mod view;
 mod watch;
 
+pub use remote::RemoteDue;
 pub use view::{Explanation, Instance, Part, PartSample, ReloadStatus, RuleStatus};
 pub use watch::watch;
 
@@ -98,6 +100,8 @@ pub struct Engine {
     state_problems: Mutex<Vec<String>>,
     /// The knobs the configuration declares (`None`: not checked).
     knobs: Option<BTreeSet<String>>,
+    /// The sources the configuration declares (`None`: not checked).
+    sources: Option<BTreeSet<String>>,
 }
 
 struct Metrics {
@@ -185,6 +189,19 @@ impl Engine {
         requests: mpsc::Sender<ActionRequest>,
         knobs: Option<BTreeSet<String>>,
     ) -> Result<Arc<Self>, prometheus::Error> {
+        Self::with_declared(registry, dir, data_dir, requests, knobs, None)
+    }
+
+    /// [`Engine::with_knobs`], knowing the PromQL sources the configuration declares too: a
+    /// rule of a group naming another is skipped at every load, with a warning.
+    pub fn with_declared(
+        registry: Arc<Registry>,
+        dir: PathBuf,
+        data_dir: Option<&Path>,
+        requests: mpsc::Sender<ActionRequest>,
+        knobs: Option<BTreeSet<String>>,
+        sources: Option<BTreeSet<String>>,
+    ) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new(&registry)?;
         let modes_file = data_dir.map(|d| StateFile::new(d.join("modes.json")));
         let mut state_problems = Vec::new();
@@ -210,6 +227,7 @@ impl Engine {
             modes_file,
             state_problems: Mutex::new(state_problems),
             knobs,
+            sources,
         });
         let _ = engine.reload();
         engine.restore();
@@ -242,7 +260,8 @@ impl Engine {
         let retention = i64::MAX / 2;
         let mut inner = self.lock();
         let mut warnings = Vec::new();
-        for r in inner.rules.iter() {
+        // A remote group's metrics are the source's, not ours.
+        for r in inner.rules.iter().filter(|r| r.remote.is_none()) {
             let mut names = r.expr.metric_names();
             if let Some(c) = &r.clear {
                 names.extend(c.metric_names());
@@ -280,7 +299,8 @@ impl Engine {
         let mut requests = Vec::new();
         // Rules evaluated together share what they have in common; the others skip the memo.
         let memo = Memo::of(now_ms, shared.clone());
-        for rule in rules.iter() {
+        // Rules of a remote group are evaluated by their source (`remote`), not here.
+        for rule in rules.iter().filter(|r| r.remote.is_none()) {
             let rt = runtime.entry(rule.name.clone()).or_default();
             let due = rt.last_evaluation_ms.is_none_or(|t| {
                 now_ms - t >= i64::try_from(rule.interval.as_millis()).unwrap_or(i64::MAX) - 50
@@ -306,22 +326,35 @@ impl Engine {
             }
             rt.last_evaluation_ms = Some(now_ms);
             rt.evaluation_seconds = started.elapsed().as_secs_f64();
-            self.metrics
-                .duration
-                .with_label_values(&[&rule.name])
-                .set(rt.evaluation_seconds);
-            let count = |want: fn(&State) -> bool| {
-                rt.instances.values().filter(|(s, _)| want(s)).count() as f64
-            };
-            self.metrics
-                .state
-                .with_label_values(&[&rule.name, "pending"])
-                .set(count(|s| matches!(s, State::Pending { .. })));
-            self.metrics
-                .state
-                .with_label_values(&[&rule.name, "firing"])
-                .set(count(|s| matches!(s, State::Firing { .. })));
+            self.record(rule, rt);
         }
+        self.settle(inner, requests);
+        evaluated
+    }
+
+    /// The per-rule metrics after an evaluation.
+    fn record(&self, rule: &Rule, rt: &Runtime) {
+        self.metrics
+            .duration
+            .with_label_values(&[&rule.name])
+            .set(rt.evaluation_seconds);
+        let count = |want: fn(&State) -> bool| {
+            rt.instances.values().filter(|(s, _)| want(s)).count() as f64
+        };
+        self.metrics
+            .state
+            .with_label_values(&[&rule.name, "pending"])
+            .set(count(|s| matches!(s, State::Pending { .. })));
+        self.metrics
+            .state
+            .with_label_values(&[&rule.name, "firing"])
+            .set(count(|s| matches!(s, State::Firing { .. })));
+    }
+
+    /// After evaluations: the state to disk if it changed, the view published, then the
+    /// requests sent (in that order, see below).
+    fn settle(&self, mut inner: std::sync::MutexGuard<'_, Loaded>, requests: Vec<ActionRequest>) {
+        let Loaded { rules, runtime, .. } = &mut *inner;
         // Only a change of state is worth a write: building and serializing the snapshot every
         // tick would put that work on the evaluation path for nothing.
         let dirty = runtime.values().any(|rt| rt.dirty);
@@ -359,7 +392,6 @@ impl Engine {
                 tracing::warn!(error = %err, "action request dropped: the actions stage is not keeping up");
             }
         }
-        evaluated
     }
 
     /// Evaluates on every rule's interval until shutdown, and reloads when asked.
@@ -442,7 +474,7 @@ fn hold(rt: &mut Runtime) {
     }
 }
 
-fn advance(
+pub(crate) fn advance(
     rule: &Rule,
     rt: &mut Runtime,
     active: &HashMap<Labels, f64>,
@@ -520,7 +552,7 @@ fn advance(
 }
 
 /// The instances a result stands for: its label sets without `__name__`, plus the rule's labels.
-fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> {
+pub(crate) fn instances(value: Value, rule: &Rule) -> Result<HashMap<Labels, f64>, String> {
     match value {
         Value::Vector(v) => Ok(v
             .into_iter()
@@ -550,12 +582,13 @@ fn with_rule_labels(labels: &Labels, rule: &Rule) -> Labels {
 /// What identifies a rule's definition: changed, it starts over.
 fn fingerprint(r: &Rule) -> String {
     format!(
-        "{}|{:?}|{:?}|{:?}|{:?}",
+        "{}|{:?}|{:?}|{:?}|{:?}|{:?}",
         r.expr.text,
         r.clear.as_ref().map(|q| &q.text),
         r.timing,
         r.labels,
-        r.interval
+        r.interval,
+        r.remote
     )
 }
 

@@ -45,6 +45,14 @@ impl Engine {
                 .rules
                 .retain(|r| r.knobs.iter().all(|(k, _, _)| declared.contains(k)));
         }
+        if let Some(declared) = &self.sources {
+            for p in compile::undeclared_sources(&loaded.rules, declared) {
+                skipped.push(format!("{p}; the rule is skipped"));
+            }
+            loaded
+                .rules
+                .retain(|r| r.remote.as_ref().is_none_or(|s| declared.contains(s)));
+        }
         let mut inner = self.lock();
         let old: HashMap<String, String> = inner
             .rules

@@ -110,12 +110,28 @@ pub struct Explanation {
 impl Engine {
     /// Evaluates a rule's conditions and their operands now: "why is it (not) firing?".
     pub fn explain(&self, rule: &str) -> Option<Explanation> {
-        let (expr, clear) = {
+        let (expr, clear, remote) = {
             let view = self.view();
             let r = view.rules.iter().find(|r| r.name == rule)?;
-            (r.expr.clone(), r.clear.clone())
+            (r.expr.clone(), r.clear.clone(), r.remote.clone())
         };
         let now = crate::collect::now_ms();
+        // A remote rule's operands are the source's: evaluating them over the local history
+        // would explain a different rule.
+        if let Some(source) = remote {
+            let part = |q: &crate::rules::expr::Query| Part {
+                expr: q.text.clone(),
+                samples: None,
+                error: Some(format!(
+                    "evaluated by source {source:?}: ask it (its /api/v1/query) for the operands"
+                )),
+            };
+            return Some(Explanation {
+                at_ms: now,
+                expr: vec![part(&expr)],
+                clear: clear.as_ref().map(|c| vec![part(c)]).unwrap_or_default(),
+            });
+        }
         let ev = Evaluator::new(self.registry.as_ref(), now);
         let eval = |q: &crate::rules::expr::Query| {
             let result = ev.eval(q).map(|v| match v {
