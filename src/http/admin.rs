@@ -132,6 +132,7 @@ pub fn peer(p: &Peer) -> Option<SocketAddr> {
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/mode", get(global_mode).put(set_global_mode))
         .route("/api/v1/rules/{name}", get(rule))
         .route("/api/v1/rules/{name}/mode", post(set_mode))
         .route("/api/v1/audit", get(audit))
@@ -212,7 +213,7 @@ async fn status(State(state): State<AppState>, headers: HeaderMap, p: Peer) -> R
         "breakers": acts.map(breaker_list).unwrap_or_default(),
         "actions": acts.map(|a| {
             let stopped = a.stopped();
-            json!({ "stopped": stopped.is_some(), "reason": stopped })
+            json!({ "stopped": stopped.is_some(), "reason": stopped, "mode": a.global_mode() })
         }),
     }))
 }
@@ -296,8 +297,68 @@ async fn set_mode(
     ok(json!({ "rule": name, "mode": body.mode }))
 }
 
+async fn global_mode(State(state): State<AppState>, headers: HeaderMap, p: Peer) -> Response {
+    if let Err(r) = authorize(&state, &headers, peer(&p), Role::Read) {
+        return r;
+    }
+    match actions(&state) {
+        Ok(a) => ok(a.global_mode()),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GlobalModeBody {
+    mode: Option<crate::settings::config::GlobalMode>,
+    reason: String,
+}
+
+/// The kill switch: `PUT /api/v1/mode {"mode": "observe", "reason": "..."}` (`null` returns to
+/// the configuration's mode).
+async fn set_global_mode(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    p: Peer,
+    body: Result<Json<GlobalModeBody>, JsonRejection>,
+) -> Response {
+    let caller = match authorize(&state, &headers, peer(&p), Role::Operate) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if body.reason.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a reason is required: it goes into the audit log with the change",
+        );
+    }
+    let a = match actions(&state) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let result = a
+        .set_global_mode(body.mode, &caller.name, body.reason.trim())
+        .await;
+    audit_api(
+        &state,
+        &caller,
+        "global_mode",
+        None,
+        json!({ "mode": body.mode, "reason": body.reason.trim(), "error": result.as_ref().err() }),
+    )
+    .await;
+    match result {
+        Ok(view) => ok(view),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
 /// An audit record of an API change.
-async fn audit_api(
+pub(super) async fn audit_api(
     state: &AppState,
     caller: &Caller,
     what: &str,

@@ -45,6 +45,7 @@ pub(super) async fn handler(State(state): State<AppState>) -> Html<String> {
     let (decisions, knobs) = action_rows(&state, now);
     let (series, points) = state.registry.history_size();
     let metrics = escape(&state.telemetry_path);
+    let mode = mode_line(&state);
     Html(format!(
         r#"<!DOCTYPE html>
 <html lang="en">
@@ -83,6 +84,7 @@ Version {version}, up {uptime}s.</p>
 {targets}
 </table>
 <h2>Rules</h2>
+{mode}
 <table id="rules">
 <tr><th>rule</th><th>state</th><th>health</th><th>mode</th><th>instances</th><th>since</th><th>actions</th></tr>
 {rules}
@@ -222,6 +224,32 @@ fn action_rows(state: &AppState, now: i64) -> (String, String) {
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
+/// The global mode, and who set it when it was set through the API (the kill switch).
+fn mode_line(state: &AppState) -> String {
+    let Some(a) = state.admin.as_ref().and_then(|a| a.actions.as_ref()) else {
+        return String::new();
+    };
+    let v = a.global_mode();
+    let word = |m: crate::settings::config::GlobalMode| match m {
+        crate::settings::config::GlobalMode::Observe => "observe",
+        crate::settings::config::GlobalMode::DryRun => "dry_run",
+        crate::settings::config::GlobalMode::Enforce => "enforce",
+    };
+    let how = match &v.set {
+        Some(s) => format!(
+            " (set through the API by {}, {}; the configuration says {})",
+            escape(&s.actor),
+            crate::audit::rfc3339(s.at_ms),
+            word(v.configured)
+        ),
+        None => " (the configuration's)".to_owned(),
+    };
+    format!(
+        "<p id=\"actions-mode\">Actions mode, the highest any rule acts in: <b class={w}>{w}</b>{how}</p>",
+        w = word(v.mode)
+    )
+}
+
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {

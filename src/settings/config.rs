@@ -48,7 +48,7 @@ pub struct Config {
 }
 
 /// Which mode rules act in, at most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GlobalMode {
     /// No rule requests anything.

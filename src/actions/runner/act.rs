@@ -60,6 +60,8 @@ impl Actions {
         let mut rehearsed = false;
         let mut knob_moves: Vec<(String, f64, f64)> = Vec::new();
         for (i, spec) in req.actions.iter().enumerate() {
+            // Read again before each action: the kill switch stops a burst in progress.
+            let mode = self.mode(req);
             let kind = spec.kind();
             let target = exec::target_of(spec, &self.inner.services);
             let key = req.idempotency_key(i);

@@ -15,6 +15,7 @@
 mod act;
 mod alerts;
 mod knob;
+pub mod mode;
 mod persist;
 mod playbooks;
 mod verify;
@@ -187,6 +188,8 @@ struct Inner {
     playbooks: Playbooks,
     /// One index advisor per PostgreSQL target (it keeps the window of statement totals).
     advisors: tokio::sync::Mutex<HashMap<String, crate::advisor::Advisor>>,
+    /// The global mode: the configuration's, or the kill switch's.
+    mode: mode::ModeState,
 }
 
 /// The actions stage. Cheap to clone.
@@ -363,6 +366,11 @@ impl Actions {
                 webhook: k.webhook.clone(),
             })
             .collect();
+        let (mode, mode_error) = mode::ModeState::load(config.mode, dir)?;
+        registry.register(Box::new(mode.gauge()))?;
+        if let Some(err) = mode_error {
+            halted.get_or_insert(err);
+        }
         let (knobs, knobs_error) = Knobs::load(knob_configs, dir);
         if let Some(err) = knobs_error {
             halted.get_or_insert(format!(
@@ -401,6 +409,7 @@ impl Actions {
                 audit_ok: AtomicBool::new(audit_ok),
                 playbooks,
                 advisors: tokio::sync::Mutex::new(HashMap::new()),
+                mode,
             }),
         })
     }
@@ -461,8 +470,27 @@ impl Actions {
         self.write(record).await;
     }
 
+    /// The mode `req`'s next action runs in: read again before every action, so the kill
+    /// switch stops a burst in progress.
     fn mode(&self, req: &ActionRequest) -> Mode {
-        req.effective_mode(cap(self.inner.config.mode))
+        req.effective_mode(cap(self.inner.mode.current()))
+    }
+
+    /// The global mode: in force, configured, and the one set through the API.
+    pub fn global_mode(&self) -> mode::ModeView {
+        self.inner.mode.view()
+    }
+
+    /// Sets (or clears, with `None`) the global mode through the API; see `mode::ModeState::set`.
+    pub async fn set_global_mode(
+        &self,
+        mode: Option<GlobalMode>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<mode::ModeView, String> {
+        let view = self.inner.mode.set(mode, actor, reason, now_ms()).await?;
+        tracing::warn!(mode = ?view.mode, actor, reason, "global mode set through the API");
+        Ok(view)
     }
 
     fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
