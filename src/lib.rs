@@ -46,6 +46,7 @@ pub mod app;
 pub mod audit;
 pub mod collect;
 pub mod http;
+pub mod pgtls;
 pub mod registry;
 pub mod rules;
 pub mod sample;

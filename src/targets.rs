@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use crate::settings::Target;
@@ -155,6 +154,10 @@ pub struct PgHandle {
     pool: Pool,
     /// How long to wait for a connection from the pool or a new one.
     deadline: Duration,
+    /// The pool's connection settings, for a connection of its own (an index build) and
+    /// cancel requests.
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 impl PgHandle {
@@ -171,11 +174,16 @@ impl PgHandle {
             reason: FailureReason::Error,
             message: target.url.scrub(&message),
         };
-        let mut config: tokio_postgres::Config = target
-            .url
-            .expose()
-            .parse()
-            .map_err(|err| fail(format!("invalid PostgreSQL URL: {err}")))?;
+        let crate::pgtls::PgConnect {
+            mut config, tls, ..
+        } = crate::pgtls::connect_config(&target.url).map_err(fail)?;
+        // For a connection of its own (`connect_own`): the URL's settings, ours without the
+        // pool's statement timeout.
+        let mut plain = config.clone();
+        plain
+            .application_name(PG_APPLICATION_NAME)
+            .connect_timeout(deadline)
+            .keepalives_idle(Duration::from_secs(30));
         let ms = statement_timeout.as_millis().max(1);
         let ours = format!("-c statement_timeout={ms} -c lock_timeout={ms}");
         let options = match config.get_options() {
@@ -192,7 +200,7 @@ impl PgHandle {
             .tcp_user_timeout(Duration::from_secs(30));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 // A closed connection (server restarted) is replaced on checkout; anything
                 // subtler fails the next query, which the collector reports and retries.
@@ -212,6 +220,8 @@ impl PgHandle {
             url: target.url.clone(),
             pool,
             deadline,
+            config: plain,
+            tls,
         })
     }
 
@@ -235,6 +245,23 @@ impl PgHandle {
     /// The URL, password redacted.
     pub fn url(&self) -> &SecretUrl {
         &self.url
+    }
+
+    /// A connection of its own, outside the pool, with the pool's settings (TLS included)
+    /// but without the pool's statement timeout (a long index build is given its own).
+    pub async fn connect_own(&self) -> Result<tokio_postgres::Client, TargetFailure> {
+        let (client, conn) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.failure(&e))?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// The TLS connector, for cancel requests.
+    pub fn tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        self.tls.clone()
     }
 
     /// Classifies a tokio-postgres error and scrubs the password from its text.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::{CollectError, Collector};
 use crate::sample::Families;
@@ -22,7 +22,8 @@ pub struct PgBouncerCollector {
     name: String,
     target: String,
     url: SecretUrl,
-    config: Option<tokio_postgres::Config>,
+    /// The connection settings, or why the URL gives none.
+    config: Result<crate::pgtls::PgConnect, String>,
     client: Option<Client>,
     deadline: Duration,
     last_failure: Option<FailureReason>,
@@ -32,19 +33,15 @@ impl PgBouncerCollector {
     /// A collector for `target`; `timeout` is the scheduler's timeout for one run.
     pub fn new(target: &Target, timeout: Duration) -> Self {
         let deadline = timeout.mul_f64(0.9);
-        let config = target
-            .url
-            .expose()
-            .parse::<tokio_postgres::Config>()
-            .ok()
-            .map(|mut c| {
-                // As for PostgreSQL: a console that vanishes is noticed in half a minute, and
-                // the connection's task does not linger for the kernel's two hours.
-                c.connect_timeout(deadline)
-                    .keepalives_idle(Duration::from_secs(30))
-                    .tcp_user_timeout(Duration::from_secs(30));
-                c
-            });
+        let config = crate::pgtls::connect_config(&target.url).map(|mut c| {
+            // As for PostgreSQL: a console that vanishes is noticed in half a minute, and
+            // the connection's task does not linger for the kernel's two hours.
+            c.config
+                .connect_timeout(deadline)
+                .keepalives_idle(Duration::from_secs(30))
+                .tcp_user_timeout(Duration::from_secs(30));
+            c
+        });
         PgBouncerCollector {
             name: format!("pgbouncer/{}", target.name),
             target: target.name.clone(),
@@ -61,14 +58,18 @@ impl PgBouncerCollector {
             self.client = None;
         }
         if self.client.is_none() {
-            let Some(config) = &self.config else {
-                return Err(TargetFailure {
-                    reason: FailureReason::Error,
-                    message: "the URL is not a valid PostgreSQL connection URL".into(),
-                });
+            let config = match &self.config {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(TargetFailure {
+                        reason: FailureReason::Error,
+                        message: e.clone(),
+                    });
+                }
             };
             let (client, connection) = config
-                .connect(NoTls)
+                .config
+                .connect(config.tls.clone())
                 .await
                 .map_err(|err| pg_failure(&self.url, &err))?;
             tokio::spawn(connection);

@@ -13,8 +13,11 @@
 //! Uses `exposition` (the parser), `registry` (`publish_scraped`), `settings::ScrapeTarget`
 //! and `targets` (HTTP client, credentials). One collector runs per target.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
 
 use crate::registry::{Registry, Scraped};
 use crate::sample::{Families, Family, Labels, MetricKind, Sample};
@@ -155,86 +158,145 @@ impl ScrapeCollector {
             }
             body.extend_from_slice(&chunk);
         }
-        let text = std::str::from_utf8(&body)
-            .map_err(|err| Failure::error(format!("the body is not UTF-8: {err}")))?;
-        let parsed = exposition::parse(text, format)
-            .map_err(|err| Failure::error(format!("parsing the {format:?} payload: {err}")))?;
-        self.convert(parsed)
-    }
-
-    /// The payload as history points: filtered by name, labelled with the target, checked
-    /// against the limits, duplicates dropped (the first kept, as Prometheus keeps it).
-    fn convert(&self, parsed: exposition::Exposition) -> Result<Scrape, Failure> {
-        let t = &self.target;
-        let scraped = parsed.samples.len();
-        let mut points = Vec::with_capacity(scraped);
-        let mut kinds = Vec::with_capacity(scraped);
-        let mut seen = std::collections::HashSet::with_capacity(scraped);
-        for s in parsed.samples {
-            if t.relabel
-                .keep
-                .as_ref()
-                .is_some_and(|r| !r.is_match(&s.name))
-                || t.relabel.drop.as_ref().is_some_and(|r| r.is_match(&s.name))
+        // Parsing and converting are CPU work on up to `body_size_limit` bytes: off the async
+        // workers, which serve /metrics and the API.
+        let target = self.target.clone();
+        tokio::task::spawn_blocking(move || {
+            let text = std::str::from_utf8(&body)
+                .map_err(|err| Failure::error(format!("the body is not UTF-8: {err}")))?;
+            // Without a name filter every sample line is a sample that counts against the
+            // limit: a payload past it is refused before it is parsed into memory.
+            if target.sample_limit > 0
+                && target.relabel.keep.is_none()
+                && target.relabel.drop.is_none()
+                && sample_lines(text) > target.sample_limit
             {
-                continue;
-            }
-            let mut pairs: Vec<(String, String)> = Vec::with_capacity(s.labels.len() + 1);
-            for (k, v) in s.labels {
-                if v.is_empty() {
-                    continue;
-                }
-                // Ours wins, theirs is kept under another name (Prometheus's honor_labels:
-                // false).
-                let k = if k == "target" {
-                    "exported_target".to_owned()
-                } else {
-                    k
-                };
-                pairs.push((k, v));
-            }
-            pairs.push(("target".to_owned(), t.name.clone()));
-            // The name counts as a label, as in Prometheus.
-            if t.label_limit > 0 && pairs.len() + 1 > t.label_limit {
-                return Err(Failure::limit(format!(
-                    "{} has {} labels, more than label_limit {}",
-                    s.name,
-                    pairs.len() + 1,
-                    t.label_limit
-                )));
-            }
-            let labels = Labels::new(pairs);
-            if !seen.insert((s.name.clone(), labels.clone())) {
-                continue;
-            }
-            if t.sample_limit > 0 && points.len() >= t.sample_limit {
                 return Err(Failure::limit(format!(
                     "more than sample_limit {} samples",
-                    t.sample_limit
+                    target.sample_limit
                 )));
             }
-            kinds.push(s.kind);
-            points.push(Scraped {
-                name: s.name,
-                labels,
-                t_ms: s.timestamp_ms.filter(|_| t.honor_timestamps),
-                value: s.value,
-            });
-        }
-        Ok(Scrape {
-            points,
-            scraped,
-            families: parsed.families,
-            kinds,
+            let parsed = exposition::parse(text, format)
+                .map_err(|err| Failure::error(format!("parsing the {format:?} payload: {err}")))?;
+            convert(&target, parsed)
         })
+        .await
+        .map_err(|err| Failure::error(format!("parsing the payload failed: {err}")))?
     }
+}
 
+/// Lines that are neither empty nor comments: an upper bound of the samples a payload holds.
+fn sample_lines(text: &str) -> usize {
+    text.lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.is_empty() && !l.starts_with('#')
+        })
+        .count()
+}
+
+/// A label name free in `taken`: `name`, else `exported_name`, `exported_exported_name`, …
+/// (Prometheus's `honor_labels: false`).
+fn exported(name: &str, taken: &dyn Fn(&str) -> bool) -> String {
+    let mut n = format!("exported_{name}");
+    while taken(&n) {
+        n.insert_str(0, "exported_");
+    }
+    n
+}
+
+/// The payload as history points: filtered by name, labelled with the target, checked against
+/// the limits, duplicates dropped (the first kept, as Prometheus keeps it).
+fn convert(t: &ScrapeTarget, parsed: exposition::Exposition) -> Result<Scrape, Failure> {
+    let scraped = parsed.samples.len();
+    let mut points = Vec::with_capacity(scraped);
+    let mut kinds = Vec::with_capacity(scraped);
+    let mut seen = std::collections::HashSet::with_capacity(scraped);
+    for s in parsed.samples {
+        if t.relabel
+            .keep
+            .as_ref()
+            .is_some_and(|r| !r.is_match(&s.name))
+            || t.relabel.drop.as_ref().is_some_and(|r| r.is_match(&s.name))
+        {
+            continue;
+        }
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(s.labels.len() + 1);
+        let clash = s.labels.iter().any(|(k, v)| k == "target" && !v.is_empty());
+        let renamed = clash.then(|| {
+            exported("target", &|n| {
+                s.labels.iter().any(|(k, v)| k == n && !v.is_empty())
+            })
+        });
+        for (k, v) in s.labels {
+            if v.is_empty() {
+                continue;
+            }
+            // Ours wins, theirs is kept under a free name (Prometheus's honor_labels:
+            // false).
+            let k = match &renamed {
+                Some(r) if k == "target" => r.clone(),
+                _ => k,
+            };
+            pairs.push((k, v));
+        }
+        pairs.push(("target".to_owned(), t.name.clone()));
+        // The name counts as a label, as in Prometheus.
+        if t.label_limit > 0 && pairs.len() + 1 > t.label_limit {
+            return Err(Failure::limit(format!(
+                "{} has {} labels, more than label_limit {}",
+                s.name,
+                pairs.len() + 1,
+                t.label_limit
+            )));
+        }
+        let labels = Labels::new(pairs);
+        if !seen.insert((s.name.clone(), labels.clone())) {
+            continue;
+        }
+        if t.sample_limit > 0 && points.len() >= t.sample_limit {
+            return Err(Failure::limit(format!(
+                "more than sample_limit {} samples",
+                t.sample_limit
+            )));
+        }
+        kinds.push(s.kind);
+        points.push(Scraped {
+            name: s.name,
+            labels,
+            t_ms: s.timestamp_ms.filter(|_| t.honor_timestamps),
+            value: s.value,
+        });
+    }
+    Ok(Scrape {
+        points,
+        scraped,
+        families: parsed.families,
+        kinds,
+    })
+}
+
+/// A name the text format 0.0.4 can carry unquoted (our `/metrics` speaks only that).
+fn legacy_name(name: &str, colons: bool) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colons && c == ':'))
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colons && c == ':'))
+}
+
+impl ScrapeCollector {
     /// The scraped series as families for our `/metrics`: counters' `_total` series stay
     /// counters, everything else is served as a gauge (the encoder has no untyped kind).
+    /// Series whose name or label names the 0.0.4 format cannot write (UTF-8 names) are left
+    /// out: written as they are, they would make the whole exposition unparsable.
     fn families(scrape: &Scrape) -> Vec<Family> {
         let mut out: Vec<Family> = Vec::new();
         let mut index: std::collections::HashMap<&str, usize> = Default::default();
         for (p, kind) in scrape.points.iter().zip(&scrape.kinds) {
+            if !legacy_name(&p.name, true) || !p.labels.iter().all(|(k, _)| legacy_name(k, false)) {
+                continue;
+            }
             let i = *index.entry(p.name.as_str()).or_insert_with(|| {
                 let family = family_name(&p.name, &scrape.families);
                 let help = scrape
@@ -295,8 +357,12 @@ impl Collector for ScrapeCollector {
         let started = Instant::now();
         // Within the scheduler's deadline (`schedule_timeout`), so the failure is published.
         let timeout = self.target.timeout.min(self.target.interval.mul_f64(0.9));
-        let result = match tokio::time::timeout(timeout, self.scrape()).await {
-            Ok(r) => r,
+        // A panic in a client library is a failed scrape like any other: caught here, so the
+        // series of the last scrape are ended rather than left to look current.
+        let scrape = AssertUnwindSafe(self.scrape()).catch_unwind();
+        let result = match tokio::time::timeout(timeout, scrape).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Failure::error("the scrape panicked".to_owned())),
             Err(_) => Err(Failure {
                 reason: FailureReason::Timeout,
                 message: format!("no answer within {:.1}s", timeout.as_secs_f64()),
@@ -376,4 +442,60 @@ impl Collector for ScrapeCollector {
 /// the failure, so `autotuner_scrape_up 0` always goes out.
 pub fn schedule_timeout(target: &ScrapeTarget) -> Duration {
     (target.timeout + Duration::from_secs(1)).min(target.interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> ScrapeTarget {
+        let c = crate::settings::Config::parse(
+            "targets:\n  scrape:\n    - name: app\n      url: http://127.0.0.1:1/metrics\n      sample_limit: 3\n",
+        )
+        .unwrap();
+        c.scrape.targets[0].clone()
+    }
+
+    #[test]
+    fn a_clashing_target_label_is_kept_under_a_free_name() {
+        let parsed = exposition::parse(
+            "foo{exported_target=\"a\",target=\"b\"} 1\nfoo{exported_target=\"c\",target=\"b\"} 2\n",
+            Format::Text,
+        )
+        .unwrap();
+        let s = convert(&target(), parsed).map_err(|f| f.message).unwrap();
+        assert_eq!(s.points.len(), 2, "no series merged");
+        let l = &s.points[0].labels;
+        assert_eq!(l.get("target"), Some("app"));
+        assert_eq!(l.get("exported_target"), Some("a"));
+        assert_eq!(l.get("exported_exported_target"), Some("b"));
+    }
+
+    #[test]
+    fn limits_refuse_the_whole_scrape_and_before_parsing_when_they_can() {
+        let t = target();
+        assert_eq!(sample_lines("# HELP x y\n\nx 1\n  x{a=\"1\"} 2\n"), 2);
+        let parsed = exposition::parse("a 1\nb 2\nc 3\nd 4\n", Format::Text).unwrap();
+        let f = convert(&t, parsed).err().unwrap();
+        assert!(
+            f.limit && f.message.contains("sample_limit 3"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn republished_series_are_only_those_the_text_format_can_carry() {
+        let parsed = exposition::parse(
+            "{\"http.requests\",\"route.name\"=\"/x\"} 3\nok_total{route=\"/x\"} 4\n",
+            Format::Text,
+        )
+        .unwrap();
+        let mut t = target();
+        t.sample_limit = 0;
+        let s = convert(&t, parsed).map_err(|f| f.message).unwrap();
+        let families = ScrapeCollector::families(&s);
+        assert_eq!(families.len(), 1);
+        assert_eq!(families[0].name, "ok_total");
+    }
 }

@@ -20,7 +20,32 @@ use crate::rules::expr::{Evaluator, Query, Value};
 
 /// The route.
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/api/v1/query", get(query))
+    Router::new().route("/api/v1/query", get(query).post(query_form))
+}
+
+/// At most this many queries are evaluated at once; more get 503 (each reads the history
+/// under its lock and builds its whole answer in memory).
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// Largest answer: a query past it is refused (422) rather than built.
+const MAX_SERIES: usize = 50_000;
+const MAX_POINTS: usize = 1_000_000;
+
+/// The form POST Grafana's Prometheus data source sends by default.
+async fn query_form(
+    state: State<AppState>,
+    headers: HeaderMap,
+    p: Peer,
+    form: Result<axum::Form<Form>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    match form {
+        Ok(axum::Form(f)) => query(state, headers, p, Params(f)).await,
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"status": "error", "errorType": "bad_data", "error": e.body_text()})),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -92,6 +117,18 @@ async fn query(
         Ok(q) => q,
         Err(m) => return bad(m),
     };
+    let Ok(_permit) = RUNNING.try_acquire() else {
+        let mut r = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "errorType": "unavailable", "error": "too many queries at once; retry"})),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
+    };
     let registry = state.registry.clone();
     // Evaluation reads the history under its lock: off the async workers.
     let value =
@@ -108,6 +145,20 @@ async fn query(
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    let (series, points) = match &value {
+        Value::Vector(v) => (v.len(), v.len()),
+        Value::Matrix(m) => (m.len(), m.iter().map(|(_, p)| p.len()).sum()),
+        Value::Scalar(_) | Value::String(_) => (1, 1),
+    };
+    if series > MAX_SERIES || points > MAX_POINTS {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"status": "error", "errorType": "execution", "error": format!(
+                "the answer holds {series} series and {points} points, more than {MAX_SERIES} and {MAX_POINTS}: narrow the query"
+            )})),
+        )
+            .into_response();
+    }
     let t = at_ms as f64 / 1000.0;
     let data = match value {
         Value::Scalar(x) => json!({"resultType": "scalar", "result": [t, number(x)]}),

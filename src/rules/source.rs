@@ -16,6 +16,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use prometheus::{GaugeVec, IntCounterVec, Opts};
 
 use super::engine::{Engine, RemoteDue};
@@ -60,9 +63,9 @@ impl SourceMetrics {
             duration: GaugeVec::new(
                 Opts::new(
                     "autotuner_source_query_duration_seconds",
-                    "How long the last query to the PromQL source took.",
+                    "How long the rule's last evaluation by the PromQL source took (its queries together).",
                 ),
-                &["source"],
+                &["source", "rule"],
             )?,
         };
         registry.register(Box::new(m.queries.clone()))?;
@@ -280,18 +283,26 @@ async fn evaluate(
         }
         r
     };
-    let value = ask(&due.expr).await;
-    let answer = match value {
-        Err(e) => Err(e),
-        Ok(v) => match &due.clear {
+    let both = async {
+        let v = ask(&due.expr).await?;
+        match &due.clear {
             Some(c) => ask(c).await.map(|c| (v, Some(c))),
             None => Ok((v, None)),
-        },
+        }
+    };
+    // A panic in a client library must still give the engine an answer: the rule waits for
+    // one before it is evaluated again.
+    let answer = match AssertUnwindSafe(both).catch_unwind().await {
+        Ok(a) => a,
+        Err(_) => Err(QueryError {
+            reason: "error",
+            message: "the query panicked".to_owned(),
+        }),
     };
     let took = started.elapsed();
     metrics
         .duration
-        .with_label_values(&[name])
+        .with_label_values(&[name, &due.rule])
         .set(took.as_secs_f64());
     let answer = answer.map_err(|e| format!("source {name}: {}", e.message));
     tokio::task::spawn_blocking(move || engine.apply_remote(&due, answer, took))

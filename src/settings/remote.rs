@@ -20,8 +20,9 @@ use super::config::Checker;
 use super::secret::SecretUrl;
 use crate::yaml::Seg;
 
-/// The client side of a connection to another HTTP server.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The client side of a connection to another HTTP server. Its `Debug` shows header names,
+/// never their values (an API key travels in a header).
+#[derive(Clone, Default, PartialEq)]
 pub struct HttpAuth {
     /// Extra request headers (`X-Scope-OrgID` for Mimir, ...). Never logged.
     pub headers: Vec<(String, String)>,
@@ -33,6 +34,25 @@ pub struct HttpAuth {
     pub tls_ca_file: Option<PathBuf>,
     /// Accept any certificate (test rigs only).
     pub insecure_skip_verify: bool,
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpAuth")
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(k, _)| format!("{k}: ****"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("basic_auth", &self.basic_auth)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
 }
 
 /// Which metric names a scrape keeps.
@@ -299,17 +319,25 @@ impl Checker<'_> {
             if interval < Duration::from_secs(1) {
                 self.error(&at("interval"), "interval must be at least 1s");
             }
-            let timeout = match (t.timeout, t.interval, spec.timeout) {
-                (Some(d), _, _) => d.0,
-                // A target's own interval without a timeout: Prometheus's default, within it.
-                (None, Some(_), _) => DEFAULT_SCRAPE_TIMEOUT.min(interval.mul_f64(0.8)),
-                (None, None, Some(d)) => d.0,
-                (None, None, None) => DEFAULT_SCRAPE_TIMEOUT.min(defaults.timeout),
+            let timeout = match (t.timeout, spec.timeout) {
+                (Some(d), _) | (None, Some(d)) => d.0,
+                // Prometheus's default, within four fifths of the target's interval.
+                (None, None) => DEFAULT_SCRAPE_TIMEOUT.min(interval.mul_f64(0.8)),
             };
-            if timeout > interval {
+            // Nine tenths at most: the rest is for publishing the failure before the next
+            // scrape is due.
+            if timeout > interval.mul_f64(0.9) {
                 self.error(
-                    &at("timeout"),
-                    "timeout must not be longer than the interval",
+                    &at(if t.timeout.is_some() {
+                        "timeout"
+                    } else {
+                        "interval"
+                    }),
+                    format!(
+                        "the scrape timeout ({:.1}s) must be at most 9/10 of the interval ({:.1}s)",
+                        timeout.as_secs_f64(),
+                        interval.as_secs_f64()
+                    ),
                 );
             }
             if timeout < Duration::from_millis(100) {
@@ -379,6 +407,12 @@ impl Checker<'_> {
             let Some(url) = self.url(&at("url"), &s.url, &["http", "https"]) else {
                 continue;
             };
+            if url.expose().contains('?') || url.expose().contains('#') {
+                self.error(
+                    &at("url"),
+                    "the source's URL is the API's base (/api/v1/query is appended): no query string or fragment",
+                );
+            }
             let auth = self.auth(
                 &at,
                 &url,
@@ -444,6 +478,9 @@ mod tests {
         assert_eq!(fleet.query_offset, Duration::from_secs(30));
         assert_eq!(fleet.timeout, Duration::from_secs(10));
         assert!(!format!("{:?}", c.sources).contains("s3cret"));
+        // Header values may be keys: never in a Debug of the settings.
+        assert!(!format!("{:?}", c.scrape).contains("team-a"));
+        assert!(format!("{:?}", c.scrape).contains("X-Scope-OrgID: ****"));
     }
 
     #[test]

@@ -184,9 +184,12 @@ impl Drop for Autotuner {
     }
 }
 
+/// A client as plain as curl: it asks for no compression and decodes none, so a test sees
+/// the bytes and headers the server sent (the crate's reqwest has gzip on for scraping).
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .no_gzip()
         .build()
         .unwrap()
 }
@@ -804,6 +807,37 @@ impl PgCluster {
 
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+    /// Turns TLS on with `cert_pem`/`key_pem` and, with `only`, refuses every connection
+    /// without it (`hostnossl … reject`), as managed databases do; restarts the server.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str, only: bool) {
+        let write = |name: &str, text: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = self.data.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            if rustix::process::geteuid().is_root() {
+                assert!(
+                    Command::new("chown")
+                        .args(["postgres:", path.to_str().unwrap()])
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+            }
+        };
+        write("server.crt", cert_pem, 0o644);
+        write("server.key", key_pem, 0o600);
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).unwrap();
+        if only {
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+            write("pg_hba.conf", hba, 0o600);
+        }
+        self.stop();
+        self.pg_ctl_start();
     }
 }
 

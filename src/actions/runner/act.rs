@@ -448,17 +448,7 @@ impl Actions {
         use crate::advisor::{CreateOptions, Creation};
         let started = Instant::now();
         let created = async {
-            let mut config: tokio_postgres::Config = h
-                .url()
-                .expose()
-                .parse()
-                .map_err(|e| h.failure(&e).message)?;
-            config.application_name(crate::targets::PG_APPLICATION_NAME);
-            let (mut own, conn) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| h.failure(&e).message)?;
-            let task = tokio::spawn(conn);
+            let mut own = h.connect_own().await.map_err(|f| f.message)?;
             let created = crate::advisor::create_index(
                 &mut own,
                 &best.index,
@@ -468,8 +458,8 @@ impl Actions {
                 },
             )
             .await;
+            // Dropping the client ends its connection's task.
             drop(own);
-            task.abort();
             created.map_err(|e| h.url().scrub(&e.to_string()))
         }
         .await;

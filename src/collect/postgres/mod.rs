@@ -19,7 +19,6 @@ pub mod statements;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
-use tokio_postgres::NoTls;
 
 use super::{CollectError, Collector};
 use crate::sample::Families;
@@ -197,6 +196,7 @@ impl Collector for PostgresCollector {
             Ok(Err(f)) => Some(f),
             Ok(Ok(client)) => {
                 let cancel = client.cancel_token();
+                let tls = self.handle.tls();
                 let left = self.deadline.saturating_sub(started.elapsed());
                 let mut measured = Families::new();
                 let result = tokio::time::timeout(left, self.measure(&client, &mut measured)).await;
@@ -211,7 +211,7 @@ impl Collector for PostgresCollector {
                         tokio::spawn(async move {
                             let _ = tokio::time::timeout(
                                 Duration::from_secs(5),
-                                cancel.cancel_query(NoTls),
+                                cancel.cancel_query(tls),
                             )
                             .await;
                         });

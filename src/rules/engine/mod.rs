@@ -60,6 +60,10 @@ pub(crate) struct Runtime {
     last_error: Option<String>,
     last_evaluation_ms: Option<i64>,
     evaluation_seconds: f64,
+    /// A remote rule's query in flight: which hand-out it is (`remote::RemoteDue::epoch`).
+    remote_in_flight: Option<u64>,
+    /// Hand-outs of a remote rule so far (numbers them).
+    remote_epoch: u64,
 }
 
 struct Loaded {

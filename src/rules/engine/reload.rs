@@ -85,7 +85,8 @@ impl Engine {
         let retention = self.registry.retention();
         let mut warnings = text(&loaded.warnings);
         warnings.extend(skipped);
-        for r in &loaded.rules {
+        // A remote rule reads the source's history, not ours.
+        for r in loaded.rules.iter().filter(|r| r.remote.is_none()) {
             let reach = r.expr.lookback_needed().max(
                 r.clear
                     .as_ref()

@@ -30,15 +30,17 @@ pub struct RemoteDue {
     pub at_ms: i64,
     /// The rule's definition when handed out: an answer for a rule changed since is dropped.
     version: String,
+    /// Which hand-out of the rule this is: only the answer to the one in flight is applied.
+    epoch: u64,
 }
 
 /// What a source answered for a rule: the condition's value and the exit condition's.
 pub type RemoteAnswer = Result<(Value, Option<Value>), String>;
 
 impl Engine {
-    /// The remote rules due at `now_ms`. Each is counted as evaluated at `now_ms` at once, so
-    /// it is not handed out again before its interval has passed even if the answer is slow:
-    /// evaluations of one rule never overlap.
+    /// The remote rules due at `now_ms`. A rule whose previous query is still in flight is not
+    /// handed out (that evaluation is missed, as in Prometheus's rule manager): evaluations of
+    /// one rule never overlap, and answers are applied in the order they were asked for.
     pub fn due_remote(&self, now_ms: i64) -> Vec<RemoteDue> {
         let mut inner = self.lock();
         let Loaded { rules, runtime, .. } = &mut *inner;
@@ -54,7 +56,13 @@ impl Engine {
             if !due {
                 continue;
             }
+            if rt.remote_in_flight.is_some() {
+                tracing::debug!(rule = %rule.name, "remote evaluation missed: the previous query is still waiting for its answer");
+                continue;
+            }
             rt.last_evaluation_ms = Some(now_ms);
+            rt.remote_epoch += 1;
+            rt.remote_in_flight = Some(rt.remote_epoch);
             out.push(RemoteDue {
                 rule: rule.name.clone(),
                 source: source.clone(),
@@ -62,13 +70,15 @@ impl Engine {
                 clear: rule.clear.as_ref().map(|q| q.text.clone()),
                 at_ms: now_ms,
                 version: fingerprint(rule),
+                epoch: rt.remote_epoch,
             });
         }
         out
     }
 
-    /// Applies a source's answer for `due`, which took `took`. A rule reloaded or removed
-    /// since it was handed out is left alone.
+    /// Applies a source's answer for `due`, which took `took`. A rule reloaded, removed or
+    /// restored since it was handed out is left alone (its runtime no longer waits for this
+    /// hand-out).
     pub fn apply_remote(&self, due: &RemoteDue, answer: RemoteAnswer, took: Duration) {
         let mut inner = self.lock();
         let mut requests = Vec::new();
@@ -80,7 +90,14 @@ impl Engine {
             else {
                 return;
             };
-            let rt: &mut Runtime = runtime.entry(rule.name.clone()).or_default();
+            let Some(rt) = runtime.get_mut(&rule.name) else {
+                return;
+            };
+            let rt: &mut Runtime = rt;
+            if rt.remote_in_flight != Some(due.epoch) {
+                return;
+            }
+            rt.remote_in_flight = None;
             let outcome = answer.and_then(|(value, clear)| {
                 let active = instances(value, rule)?;
                 let clear = match clear {

@@ -488,3 +488,75 @@ fn on_absent_fire_fires_when_the_data_is_gone() {
     assert!(engine.status()[0].instances.is_empty());
     assert_eq!(rx.try_recv().unwrap().event, Event::Resolved);
 }
+
+/// A remote rule is not handed out again while its query is in flight, and an answer is
+/// applied only to the hand-out that asked for it: a slow answer can neither overlap a newer
+/// evaluation nor be applied after a reload reset the rule.
+#[test]
+fn remote_evaluations_never_overlap_and_stale_answers_are_dropped() {
+    use crate::rules::expr::{Sample, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("r.yml"),
+        "groups:\n  - name: g\n    interval: 5s\n    source: fleet\n    rules:\n      - name: Remote\n        expr: up == 0\n        mode: dry_run\n        actions: [{ webhook: { url: 'http://127.0.0.1:9/x' } }]\n",
+    )
+    .unwrap();
+    let registry = Arc::new(Registry::new(Duration::from_secs(600)).unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let engine = Engine::with_declared(
+        registry,
+        rules.clone(),
+        None,
+        tx,
+        None,
+        Some(["fleet".to_owned()].into_iter().collect()),
+    )
+    .unwrap();
+    let holds = || {
+        Ok((
+            Value::Vector(vec![Sample {
+                labels: Labels::new([("job", "a")]),
+                value: 0.0,
+            }]),
+            None,
+        ))
+    };
+    let first = engine.due_remote(0);
+    assert_eq!(first.len(), 1);
+    // Due again, but the first query has not answered: missed, not handed out twice.
+    assert!(engine.due_remote(5_000).is_empty());
+    engine.apply_remote(&first[0], holds(), Duration::from_millis(1));
+    assert_eq!(rx.try_recv().unwrap().event, crate::actions::Event::Firing);
+    // Applying the same answer again does nothing.
+    engine.apply_remote(&first[0], holds(), Duration::from_millis(1));
+    assert!(rx.try_recv().is_err());
+    let second = engine.due_remote(10_000);
+    assert_eq!(second.len(), 1);
+    // The rule is removed and restored while the query is out: the answer is dropped.
+    std::fs::write(rules.join("r.yml"), "groups: []\n").unwrap();
+    engine.reload().unwrap();
+    std::fs::write(
+        rules.join("r.yml"),
+        "groups:\n  - name: g\n    interval: 5s\n    source: fleet\n    rules:\n      - name: Remote\n        expr: up == 0\n        mode: dry_run\n        actions: [{ webhook: { url: 'http://127.0.0.1:9/x' } }]\n",
+    )
+    .unwrap();
+    engine.reload().unwrap();
+    engine.apply_remote(
+        &second[0],
+        Ok((Value::Vector(vec![]), None)),
+        Duration::ZERO,
+    );
+    assert!(rx.try_recv().is_err(), "no resolution from a stale answer");
+    // An error leaves the state alone and says why.
+    let third = engine.due_remote(15_000);
+    engine.apply_remote(&third[0], Err("source fleet: down".into()), Duration::ZERO);
+    let status = engine
+        .status()
+        .into_iter()
+        .find(|r| r.name == "Remote")
+        .unwrap();
+    assert_eq!(status.health, "err");
+    assert!(rx.try_recv().is_err());
+}
