@@ -161,3 +161,86 @@ async fn sslmode_means_what_it_means_in_libpq() {
         "{no_tls}"
     );
 }
+
+/// PgBouncer's admin console over TLS (`client_tls_sslmode = require`): `verify-full` with
+/// the CA connects, plaintext is refused by PgBouncer, a wrong CA by us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_over_tls() {
+    let Some(env) = PgEnv::get() else {
+        return;
+    };
+    if common::require("pgbouncer").is_none() {
+        return;
+    }
+    let issuer = ca("autotuner test CA");
+    let other = ca("some other CA");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    let bouncer = common::Bouncer::start_with(
+        &env,
+        "client_tls_sslmode = require\nclient_tls_cert_file = {dir}/server.crt\nclient_tls_key_file = {dir}/server.key\n",
+        &[("server.crt", &cert_pem), ("server.key", &key_pem)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, other_file) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&ca_file, issuer.pem()).unwrap();
+    std::fs::write(&other_file, other.pem()).unwrap();
+    let admin = url::Url::parse(&bouncer.admin_url).unwrap();
+    let with = |host: &str, params: &str| {
+        let mut u = admin.clone();
+        u.set_host(Some(host)).unwrap();
+        format!("{u}?{params}")
+    };
+    let targets = [
+        (
+            "full",
+            with(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", ca_file.display()),
+            ),
+            1.0,
+        ),
+        ("plain", with("127.0.0.1", "sslmode=disable"), 0.0),
+        (
+            "wrong_ca",
+            with(
+                "localhost",
+                &format!("sslmode=verify-ca&sslrootcert={}", other_file.display()),
+            ),
+            0.0,
+        ),
+    ];
+    let mut config = String::from(
+        "collectors:\n  host:\n    enabled: false\n  pgbouncer:\n    interval: 2s\ntargets:\n  pgbouncer:\n",
+    );
+    for (name, url, _) in &targets {
+        config.push_str(&format!("    - name: {name}\n      url: '{url}'\n"));
+    }
+    let cdir = tempfile::tempdir().unwrap();
+    let path = write_config(&cdir, &config);
+    let app = Autotuner::start(&[&format!("--config.file={path}")], &[])
+        .await_ready()
+        .await;
+    let s = app
+        .scrape_until(Duration::from_secs(30), "every console measured", |s| {
+            targets
+                .iter()
+                .all(|(n, _, _)| s.value("pgbouncer_up", &[("target", n)]).is_some())
+        })
+        .await;
+    for (name, _, up) in &targets {
+        assert_eq!(
+            s.value("pgbouncer_up", &[("target", name)]),
+            Some(*up),
+            "{name}: {}",
+            s.text
+        );
+    }
+    let log = app.log.lock().unwrap().join("\n");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+}

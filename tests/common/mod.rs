@@ -1016,3 +1016,109 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A private PgBouncer in front of the provisioned PostgreSQL, with the configuration of
+/// scripts/lib/provision.sh (`start_pgbouncer`), on its own port: the test may kill it. Killed
+/// when dropped.
+pub struct Bouncer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub admin_url: String,
+    pub client_url: String,
+}
+
+impl Bouncer {
+    pub fn start(env: &PgEnv) -> Bouncer {
+        Bouncer::start_with(env, "", &[])
+    }
+
+    /// [`Bouncer::start`] with `extra` lines in its `[pgbouncer]` section and `files` (name,
+    /// content) written beside its configuration first (certificates for TLS); `{dir}` in
+    /// `extra` is that directory.
+    pub fn start_with(env: &PgEnv, extra: &str, files: &[(&str, &str)]) -> Bouncer {
+        let pg = url::Url::parse(&env.url).unwrap();
+        let monitor = url::Url::parse(&env.monitor_url).unwrap();
+        let (pg_port, super_pw, monitor_pw) = (
+            pg.port().unwrap(),
+            pg.password().unwrap().to_owned(),
+            monitor.password().unwrap().to_owned(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("userlist.txt"),
+            format!("\"postgres\" \"{super_pw}\"\n\"monitor\" \"{monitor_pw}\"\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("pgbouncer.ini"),
+            format!(
+                "[databases]\nautotuner_test = host=127.0.0.1 port={pg_port} dbname=autotuner_test pool_size=2\n\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = plain\nauth_file = {d}/userlist.txt\nadmin_users = postgres\nstats_users = monitor\n\
+                 pool_mode = session\ndefault_pool_size = 2\nmax_client_conn = 100\n\
+                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n{}",
+                extra.replace("{dir}", &d.to_string())
+            ),
+        )
+        .unwrap();
+        if rustix::process::geteuid().is_root() {
+            assert!(
+                Command::new("chown")
+                    .args(["-R", "postgres:", &d.to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let b = Bouncer {
+            admin_url: format!("postgres://monitor:{monitor_pw}@127.0.0.1:{port}/pgbouncer"),
+            client_url: format!("postgres://postgres:{super_pw}@127.0.0.1:{port}/autotuner_test"),
+            dir,
+            port,
+        };
+        b.launch();
+        b
+    }
+
+    /// Starts it (again, on the same port) and waits until it accepts connections.
+    pub fn launch(&self) {
+        let ini = self.dir.path().join("pgbouncer.ini");
+        let out = as_postgres("pgbouncer")
+            .arg("-d")
+            .arg(&ini)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pgbouncer: {out:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "PgBouncer did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would, and waits until the port refuses connections.
+    pub fn kill(&self) {
+        let pidfile = self.dir.path().join("pgbouncer.pid");
+        let Ok(pid) = std::fs::read_to_string(&pidfile) else {
+            return;
+        };
+        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        let _ = std::fs::remove_file(&pidfile);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "PgBouncer did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
