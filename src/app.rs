@@ -356,6 +356,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         auth: Arc::new(auth),
         intake,
     };
+    tasks.push(tokio::spawn(actions.clone().run_schedules(
+        data_dir.map(std::path::Path::to_path_buf),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(
         actions.clone().run(request_rx, shutdown.clone()),
     ));

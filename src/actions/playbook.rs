@@ -42,6 +42,57 @@ pub struct PlaybookSpec {
     /// Its actions, in order.
     #[serde(default)]
     pub steps: Vec<ActionSpec>,
+    /// When it also runs on its own, as actor `schedule`.
+    pub schedule: Option<ScheduleSpec>,
+}
+
+/// A playbook's schedule.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// A cron pattern: five fields (minute hour day-of-month month day-of-week), or six with
+    /// seconds first.
+    pub cron: String,
+    /// The IANA time zone the pattern is read in (default `UTC`).
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// What a run missed while the process was down becomes at the next start.
+    #[serde(default)]
+    pub missed: Missed,
+    /// The mode of scheduled runs (default: the playbook's), capped by the global mode.
+    pub mode: Option<Mode>,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+/// What becomes of runs missed while the process was down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missed {
+    /// Recorded as missed; the next run is the next one due.
+    #[default]
+    Skip,
+    /// One run at start, however many were missed.
+    RunOnce,
+}
+
+impl ScheduleSpec {
+    /// The pattern and time zone, parsed.
+    pub fn parsed(&self) -> Result<(croner::Cron, chrono_tz::Tz), String> {
+        let cron: croner::Cron = self
+            .cron
+            .parse()
+            .map_err(|e| format!("invalid cron pattern {:?}: {e}", self.cron))?;
+        let tz: chrono_tz::Tz = self.timezone.parse().map_err(|_| {
+            format!(
+                "unknown time zone {:?} (an IANA name such as Europe/Berlin)",
+                self.timezone
+            )
+        })?;
+        Ok((cron, tz))
+    }
 }
 
 /// The loaded playbooks.
@@ -105,6 +156,11 @@ impl Playbooks {
                     loc.error_at(&at("steps"), "a playbook needs steps or includes")
                         .to_string(),
                 );
+            }
+            if let Some(s) = &p.schedule
+                && let Err(e) = s.parsed()
+            {
+                errors.push(loc.error_at(&at("schedule"), e).to_string());
             }
             if let Some(v) = &p.value
                 && let Err(e) = promql_parser::parser::parse(v)
@@ -187,6 +243,11 @@ mod tests {
                 "optimize_real_time"
             ]
         );
+        // The nightly optimisation is shipped rehearsing, never acting, until enabled.
+        let s = books.by_name["optimize_database"].schedule.clone().unwrap();
+        assert_eq!(s.cron, "0 3 * * *");
+        assert_eq!(s.mode, Some(Mode::DryRun));
+        assert!(s.parsed().is_ok());
     }
 
     #[test]

@@ -491,7 +491,7 @@ mod tests {
         for want in [
             "4:12: URL scheme \"ftp\"",
             "5:13: target name \"app\" is used twice",
-            "8:16: timeout must not be longer than the interval",
+            "8:16: the scrape timeout (20.0s) must be at most 9/10 of the interval (10.0s)",
             "9:31: invalid regular expression",
             "10:33: Authorization is set by the autotuner itself",
             "10:57: \"bad name\" is not a valid header name",

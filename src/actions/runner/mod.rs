@@ -18,6 +18,7 @@ mod knob;
 pub mod mode;
 mod persist;
 mod playbooks;
+mod schedule;
 mod verify;
 
 pub use playbooks::{PlaybookPart, PlaybookRun};

@@ -47,14 +47,29 @@ impl Actions {
     /// timing out) stops waiting for it, not the run, so every step it started has its result
     /// in the audit log.
     pub async fn run_playbook(&self, name: &str, actor: &str) -> Result<PlaybookRun, String> {
+        self.run_playbook_as(name, actor, None).await
+    }
+
+    /// [`Actions::run_playbook`] in `mode` instead of each part's own (a schedule's mode).
+    pub(super) async fn run_playbook_as(
+        &self,
+        name: &str,
+        actor: &str,
+        mode: Option<Mode>,
+    ) -> Result<PlaybookRun, String> {
         let me = self.clone();
         let (name, actor) = (name.to_owned(), actor.to_owned());
-        tokio::spawn(async move { me.run_playbook_here(&name, &actor).await })
+        tokio::spawn(async move { me.run_playbook_here(&name, &actor, mode).await })
             .await
             .map_err(|e| format!("the playbook run stopped: {e}"))?
     }
 
-    async fn run_playbook_here(&self, name: &str, actor: &str) -> Result<PlaybookRun, String> {
+    async fn run_playbook_here(
+        &self,
+        name: &str,
+        actor: &str,
+        mode: Option<Mode>,
+    ) -> Result<PlaybookRun, String> {
         let parts = self.inner.playbooks.expand(name)?;
         let started = Instant::now();
         let mut out = Vec::new();
@@ -72,7 +87,7 @@ impl Actions {
                 event: Event::Firing,
                 // Each run is its own episode: running a playbook twice runs it twice.
                 episode_ms: now,
-                mode: Some(spec.mode.unwrap_or(Mode::Enforce)),
+                mode: Some(mode.or(spec.mode).unwrap_or(Mode::Enforce)),
                 cooldown: Duration::ZERO,
                 allow_destructive: spec.allow_destructive,
                 actions: spec.steps.clone(),
