@@ -798,3 +798,66 @@ async fn the_landing_page_shows_rule_states_in_a_real_browser() {
     assert!(dom.contains("would_apply"), "{dom}");
     assert!(dom.contains("<h2>Collectors</h2>"));
 }
+
+/// Sends only a request's head over a raw connection (the body it declares never comes) and
+/// returns the status line the server answers with, if it answers within two seconds: a
+/// server that reads the body first would wait for it.
+async fn head_only(addr: std::net::SocketAddr, head: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .map(str::to_owned)
+}
+
+/// A body is refused before it is read when the route or the caller cannot accept it: a
+/// declared length over 1 MiB gets 413, and a change without the operate role 401/403, both
+/// answered before a byte of the body is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_refused_before_they_are_read() {
+    let rig = Rig::start(&tokens_file(), CONFIG, RULE, &[], &[]).await;
+    let addr = rig.app.addr;
+    let post = |auth: &str, len: u64| {
+        format!(
+            "POST /api/v1/knobs/batch_size HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {len}\r\n\r\n"
+        )
+    };
+    let status = head_only(
+        addr,
+        &post(&format!("Authorization: Bearer {OPERATE}\r\n"), 100 << 20),
+    )
+    .await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 413 ")),
+        "{status:?}"
+    );
+    let status = head_only(addr, &post("", 100)).await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 401 ")),
+        "{status:?}"
+    );
+    let status = head_only(
+        addr,
+        &post(&format!("Authorization: Bearer {READ}\r\n"), 100),
+    )
+    .await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 403 ")),
+        "{status:?}"
+    );
+    // The operate role with an acceptable length is let through to read its body: no answer
+    // until it comes.
+    let status = head_only(
+        addr,
+        &post(&format!("Authorization: Bearer {OPERATE}\r\n"), 100),
+    )
+    .await;
+    assert_eq!(status, None, "answered before the body came");
+}

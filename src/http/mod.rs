@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod auth;
+mod guard;
 pub mod intake;
 mod landing;
 mod metrics;
@@ -82,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(admin::MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::before_body,
+        ))
         .with_state(state)
 }
 
