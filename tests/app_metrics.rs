@@ -543,7 +543,7 @@ async fn rules_evaluated_by_a_prometheus_act_and_a_failing_source_acts_on_nothin
     let dir = tempfile::tempdir().unwrap();
     let (app_port, _app) = start_app(dir.path());
     let app = format!("127.0.0.1:{app_port}");
-    let Some((prom_port, _prom)) = start_prometheus(
+    let Some((prom_port, prom)) = start_prometheus(
         dir.path(),
         &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{app}']\n"
@@ -674,6 +674,71 @@ knobs:
     let value = fleet["instances"][0]["value"].as_f64().unwrap();
     assert!(value > 0.5, "P95 from Prometheus: {fleet}");
 
+    // Prometheus frozen (SIGSTOP): the rule's health turns err, its instance stays as it was
+    // (nothing resolves, nothing more acts), and /metrics answers as before.
+    let before = common::scrape_median(&ours, 20).await;
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &prom.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let frozen = until(
+        Duration::from_secs(30),
+        "the frozen source noticed",
+        || async {
+            let r = rule_status(&ours, "AppLatencyControllerFleet").await;
+            if r["health"] == "err" {
+                Ok(r)
+            } else {
+                Err(format!("{r}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        frozen["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 5.0s"),
+        "{frozen}"
+    );
+    assert_eq!(
+        frozen["instances"].as_array().unwrap().len(),
+        1,
+        "state kept: {frozen}"
+    );
+    let fleet_records = || {
+        audit_rules(&ours)
+            .iter()
+            .filter(|(r, _)| r == "AppLatencyControllerFleet")
+            .count()
+    };
+    let acted_frozen = fleet_records();
+    let during = common::scrape_median(&ours, 20).await;
+    common::assert_scrapes_unaffected(before, during, "the PromQL source frozen");
+    // Three evaluation intervals: a rule still acting would have asked again (repeat: 2s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        fleet_records(),
+        acted_frozen,
+        "acted while its source was frozen"
+    );
+    signal("-CONT");
+    until(Duration::from_secs(30), "the source back", || async {
+        let r = rule_status(&ours, "AppLatencyControllerFleet").await;
+        if r["health"] == "ok" {
+            Ok(())
+        } else {
+            Err(format!("{r}"))
+        }
+    })
+    .await;
+
     // Meanwhile the failing sources: health err with the reason, state kept, nothing acted.
     let local_before = rule_status(&ours, "LocalTick").await["last_evaluation_ms"]
         .as_i64()
@@ -755,4 +820,193 @@ knobs:
     assert!(acted.is_empty(), "{acted:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = load.await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Targets that hang, answer garbage, or send a 50 MB body: each is `autotuner_scrape_up 0`
+/// with its reason, the body is cut at `body_size_limit` (memory stays bounded), and
+/// `/metrics` answers as fast as an autotuner with no scrape target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_targets_are_reported_and_cost_nothing_else() {
+    if python_client().is_none() {
+        return;
+    }
+    let _hold = common::CpuHold::shared();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("garbage.txt"),
+        "this is { not a metrics payload\n",
+    )
+    .unwrap();
+    let mut big = String::with_capacity(52 << 20);
+    let mut i = 0u64;
+    while big.len() < 50 << 20 {
+        big.push_str(&format!("big_series{{i=\"{i}\"}} 1\n"));
+        i += 1;
+    }
+    std::fs::write(dir.path().join("big.txt"), &big).unwrap();
+    drop(big);
+    let (app_port, _app) = start_app(dir.path());
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &config_dir,
+        &format!(
+            "targets:\n  scrape:\n    - {{ name: hang, url: 'http://{hang_addr}/metrics', interval: 2s, timeout: 1s }}\n    - {{ name: garbage, url: 'http://127.0.0.1:{app_port}/static/garbage.txt', interval: 2s, timeout: 1s }}\n    - {{ name: big, url: 'http://127.0.0.1:{app_port}/static/big.txt', interval: 2s, timeout: 1800ms }}\n"
+        ),
+    );
+    let plain = Autotuner::start(&[], &[]).await_ready().await;
+    let ours = Autotuner::start(&[&format!("--config.file={config}")], &[])
+        .await_ready()
+        .await;
+    let s = ours
+        .scrape_until(
+            Duration::from_secs(30),
+            "every broken target reported",
+            |s| {
+                ["hang", "garbage", "big"]
+                    .iter()
+                    .all(|t| s.value("autotuner_scrape_up", &[("target", t)]) == Some(0.0))
+                    && s.value("autotuner_scrape_limit_hits_total", &[("target", "big")])
+                        .is_some_and(|n| n >= 2.0)
+            },
+        )
+        .await;
+    let reason = |t: &str, r: &str| {
+        s.value(
+            "autotuner_target_error",
+            &[("kind", "scrape"), ("target", t), ("reason", r)],
+        )
+    };
+    assert_eq!(reason("hang", "timeout"), Some(1.0), "{}", s.text);
+    assert_eq!(reason("garbage", "error"), Some(1.0));
+    assert_eq!(reason("big", "error"), Some(1.0));
+    let log = ours.log.lock().unwrap().join("\n");
+    assert!(log.contains("body larger than body_size_limit"), "{log}");
+    assert!(log.contains("parsing the Text payload"), "{log}");
+    // Each big scrape stops reading at 32 MiB and drops what it read.
+    let rss = rss_kib(ours.child.id());
+    assert!(rss < 160 * 1024, "RSS {rss} KiB after the 50 MB bodies");
+    let before = common::scrape_median(&plain, 30).await;
+    let during = common::scrape_median(&ours, 30).await;
+    common::assert_scrapes_unaffected(before, during, "three broken scrape targets");
+}
+
+/// The same API answered by VictoriaMetrics (Debian's `victoria-metrics`), not only
+/// Prometheus: a rule group evaluated there fires and is audited, and VictoriaMetrics killed
+/// turns the rule's health to err with nothing acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_evaluated_by_victoria_metrics() {
+    if python_client().is_none() {
+        return;
+    }
+    let Some(vm) = require("victoria-metrics") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (app_port, _app) = start_app(dir.path());
+    std::fs::write(
+        dir.path().join("scrape.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("vm-data");
+    let (vm_port, mut vm_daemon) = Daemon::start(
+        "victoria-metrics",
+        &vm,
+        move |port| {
+            vec![
+                format!("-httpListenAddr=127.0.0.1:{port}"),
+                format!("-storageDataPath={}", data.display()),
+                "-promscrape.config=scrape.yml".into(),
+                // Its default hides the newest 30 s of data from queries.
+                "-search.latencyOffset=1s".into(),
+            ]
+        },
+        dir.path(),
+    );
+    let rules = tempfile::tempdir().unwrap();
+    // The application served 60 requests in all (its counters are fixed).
+    std::fs::write(
+        rules.path().join("vm.yml"),
+        "groups:\n  - name: vm\n    interval: 2s\n    source: vm\n    rules:\n      - name: ManyRequests\n        expr: sum(app_requests_total{job=\"app\"}) > 50\n        mode: dry_run\n        actions: [{ knob: { name: batch_size, set: 500 } }]\n",
+    )
+    .unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &config_dir,
+        &format!(
+            "collectors:\n  host:\n    enabled: false\nsources:\n  vm:\n    url: http://127.0.0.1:{vm_port}\n    timeout: 3s\nknobs:\n  batch_size: {{ initial: 1000, min: 100, max: 5000 }}\n"
+        ),
+    );
+    let ours = Autotuner::start(
+        &[
+            &format!("--config.file={config}"),
+            &format!("--rules.dir={}", rules.path().display()),
+        ],
+        &[],
+    )
+    .await_ready()
+    .await;
+    let fired = until(
+        Duration::from_secs(60),
+        "the rule firing from VictoriaMetrics",
+        || async {
+            let r = rule_status(&ours, "ManyRequests").await;
+            let audited = audit_rules(&ours)
+                .iter()
+                .any(|(rule, d)| rule == "ManyRequests" && d == "would_apply");
+            if r["health"] == "ok" && audited {
+                Ok(r)
+            } else {
+                Err(format!("{r}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        fired["instances"][0]["value"].as_f64(),
+        Some(60.0),
+        "{fired}"
+    );
+    vm_daemon.kill();
+    let down = until(
+        Duration::from_secs(30),
+        "VictoriaMetrics gone noticed",
+        || async {
+            let r = rule_status(&ours, "ManyRequests").await;
+            if r["health"] == "err" {
+                Ok(r)
+            } else {
+                Err(format!("{r}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        down["last_error"].as_str().unwrap().contains("source vm"),
+        "{down}"
+    );
+    assert_eq!(
+        down["instances"].as_array().unwrap().len(),
+        1,
+        "state kept: {down}"
+    );
 }

@@ -17,6 +17,7 @@ TEST_PACKAGES=(
   "/usr/share/postgresql/15/extension/hypopg.control:postgresql-15-hypopg"
   "pgbouncer:pgbouncer"
   "prometheus-node-exporter:prometheus-node-exporter"
+  "victoria-metrics:victoria-metrics"
   "/usr/lib/python3/dist-packages/prometheus_client/__init__.py:python3-prometheus-client"
 )
 
