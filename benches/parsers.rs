@@ -123,5 +123,76 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// An application's payload of `n` samples: request counters per route and code, and a latency
+/// histogram per route (12 buckets, sum, count), as django-prometheus or prom-client publish.
+fn app_payload(n: usize) -> String {
+    let mut out =
+        String::from("# HELP http_requests_total Requests.\n# TYPE http_requests_total counter\n");
+    let mut count = 0;
+    let mut route = 0;
+    while count < n {
+        for code in ["200", "404", "500"] {
+            out.push_str(&format!(
+                "http_requests_total{{route=\"/api/v1/items/{route}\",method=\"GET\",code=\"{code}\"}} {}\n",
+                route * 7 + 3
+            ));
+        }
+        for (i, le) in [
+            "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "+Inf",
+        ]
+        .iter()
+        .enumerate()
+        {
+            out.push_str(&format!(
+                "http_request_duration_seconds_bucket{{route=\"/api/v1/items/{route}\",le=\"{le}\"}} {}\n",
+                i * 10 + route
+            ));
+        }
+        out.push_str(&format!(
+            "http_request_duration_seconds_sum{{route=\"/api/v1/items/{route}\"}} {}.25\nhttp_request_duration_seconds_count{{route=\"/api/v1/items/{route}\"}} {}\n",
+            route, route + 110
+        ));
+        count += 17;
+        route += 1;
+    }
+    out
+}
+
+/// Scrape ingestion: the CPU side of scraping an application (limits, parse, name filter,
+/// labels) and storing the points in the history, per payload size.
+fn bench_ingest(c: &mut Criterion) {
+    use autotuner::collect::exposition::Format;
+    use autotuner::collect::scrape::ingest;
+    let config = autotuner::settings::Config::parse(
+        "targets:\n  scrape:\n    - name: app\n      url: http://127.0.0.1:1/metrics\n",
+    )
+    .unwrap();
+    let target = config.scrape.targets[0].clone();
+    let realistic = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/data/realistic.prom"
+    ))
+    .unwrap();
+    let app = app_payload(10_000).into_bytes();
+    for (what, body) in [
+        ("the autotuner's own 465-line scrape", &realistic),
+        ("an application, 10,000 samples", &app),
+    ] {
+        let n = ingest(&target, body, Format::Text).unwrap().len();
+        c.bench_function(&format!("scrape ingest: parse {what} ({n} samples)"), |b| {
+            b.iter(|| black_box(ingest(&target, black_box(body), Format::Text).unwrap()))
+        });
+        let registry = autotuner::registry::Registry::new(Duration::from_secs(600)).unwrap();
+        let points = ingest(&target, body, Format::Text).unwrap();
+        let mut t = 1_000_000i64;
+        c.bench_function(&format!("scrape ingest: store {what} ({n} samples)"), |b| {
+            b.iter(|| {
+                t += 15_000;
+                registry.publish_scraped("bench", black_box(&points), t, None);
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_ingest);
 criterion_main!(benches);

@@ -364,7 +364,23 @@ actions:
     )
     .await;
 
-    // Every decision is on record, and the metrics count them.
+    // Every decision is on record, and the metrics count them. The advice reaches the API
+    // while its action is still finishing: its result record can come a moment later.
+    wait_for(
+        Duration::from_secs(20),
+        "the index advice's result recorded",
+        || {
+            let data = data.clone();
+            async move {
+                audit(&data).iter().any(|r| {
+                    r.rule.as_deref() == Some("SlowQueries")
+                        && r.action.as_deref() == Some("index_advice")
+                        && r.phase == "result"
+                })
+            }
+        },
+    )
+    .await;
     let records = audit(&data);
     check_intents(&records);
     let applied = |rule: &str, action: &str| {

@@ -674,6 +674,32 @@ knobs:
     let value = fleet["instances"][0]["value"].as_f64().unwrap();
     assert!(value > 0.5, "P95 from Prometheus: {fleet}");
 
+    // Measured, never asserted: a remote evaluation's round trip next to a local rule's
+    // evaluation (docs/performance.md quotes these).
+    let mut remote = Vec::new();
+    let mut local = Vec::new();
+    for _ in 0..10 {
+        let s = ours.scrape().await;
+        remote.extend(s.value(
+            "autotuner_source_query_duration_seconds",
+            &[("source", "fleet"), ("rule", "AppLatencyControllerFleet")],
+        ));
+        local.extend(s.value(
+            "autotuner_rule_evaluation_duration_seconds",
+            &[("rule", "LocalTick")],
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    eprintln!(
+        "MEASURED remote evaluation (one query: the P95 histogram_quantile, to Prometheus) median {:.2} ms; local rule evaluation median {:.3} ms",
+        median(&mut remote) * 1000.0,
+        median(&mut local) * 1000.0
+    );
+
     // Prometheus frozen (SIGSTOP): the rule's health turns err, its instance stays as it was
     // (nothing resolves, nothing more acts), and /metrics answers as before.
     let before = common::scrape_median(&ours, 20).await;

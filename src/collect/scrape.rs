@@ -161,28 +161,39 @@ impl ScrapeCollector {
         // Parsing and converting are CPU work on up to `body_size_limit` bytes: off the async
         // workers, which serve /metrics and the API.
         let target = self.target.clone();
-        tokio::task::spawn_blocking(move || {
-            let text = std::str::from_utf8(&body)
-                .map_err(|err| Failure::error(format!("the body is not UTF-8: {err}")))?;
-            // Without a name filter every sample line is a sample that counts against the
-            // limit: a payload past it is refused before it is parsed into memory.
-            if target.sample_limit > 0
-                && target.relabel.keep.is_none()
-                && target.relabel.drop.is_none()
-                && sample_lines(text) > target.sample_limit
-            {
-                return Err(Failure::limit(format!(
-                    "more than sample_limit {} samples",
-                    target.sample_limit
-                )));
-            }
-            let parsed = exposition::parse(text, format)
-                .map_err(|err| Failure::error(format!("parsing the {format:?} payload: {err}")))?;
-            convert(&target, parsed)
-        })
-        .await
-        .map_err(|err| Failure::error(format!("parsing the payload failed: {err}")))?
+        tokio::task::spawn_blocking(move || ingest_body(&target, &body, format))
+            .await
+            .map_err(|err| Failure::error(format!("parsing the payload failed: {err}")))?
     }
+}
+
+/// A payload read into history points: checked against the limits, parsed, filtered and
+/// labelled. The CPU side of a scrape, on the blocking pool.
+fn ingest_body(target: &ScrapeTarget, body: &[u8], format: Format) -> Result<Scrape, Failure> {
+    let text = std::str::from_utf8(body)
+        .map_err(|err| Failure::error(format!("the body is not UTF-8: {err}")))?;
+    // Without a name filter every sample line is a sample that counts against the limit: a
+    // payload past it is refused before it is parsed into memory.
+    if target.sample_limit > 0
+        && target.relabel.keep.is_none()
+        && target.relabel.drop.is_none()
+        && sample_lines(text) > target.sample_limit
+    {
+        return Err(Failure::limit(format!(
+            "more than sample_limit {} samples",
+            target.sample_limit
+        )));
+    }
+    let parsed = exposition::parse(text, format)
+        .map_err(|err| Failure::error(format!("parsing the {format:?} payload: {err}")))?;
+    convert(target, parsed)
+}
+
+/// What a scrape of `body` stores, without the request: for the benchmarks of ingestion.
+pub fn ingest(target: &ScrapeTarget, body: &[u8], format: Format) -> Result<Vec<Scraped>, String> {
+    ingest_body(target, body, format)
+        .map(|s| s.points)
+        .map_err(|f| f.message)
 }
 
 /// Lines that are neither empty nor comments: an upper bound of the samples a payload holds.
