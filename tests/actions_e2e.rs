@@ -284,18 +284,30 @@ actions:
         })
         .await;
     }
-    let value = app
-        .scrape()
-        .await
-        .value("autotuner_knob_value", &[("knob", "batch_size")])
-        .unwrap();
-    assert!((100.0..1000.0).contains(&value), "{value}");
-    let mirrored: String = redis::cmd("GET")
-        .arg("app:batch_size")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(mirrored.parse::<f64>().unwrap(), value);
+    // The controller may move again (the load goes on) between reading the metric and the
+    // mirror: read both until one reading of each agrees.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = app
+            .scrape()
+            .await
+            .value("autotuner_knob_value", &[("knob", "batch_size")])
+            .unwrap();
+        assert!((100.0..1000.0).contains(&value), "{value}");
+        let mirrored: String = redis::cmd("GET")
+            .arg("app:batch_size")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if mirrored.parse::<f64>().ok() == Some(value) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mirror never agreed with the knob: {value} against {mirrored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Misses above 20 % with traffic → the view's rows written to Redis with their TTL.
     let mut pipe = redis::pipe();
