@@ -18,6 +18,9 @@ TEST_PACKAGES=(
   "pgbouncer:pgbouncer"
   "prometheus-node-exporter:prometheus-node-exporter"
   "victoria-metrics:victoria-metrics"
+  "systemd-analyze:systemd"
+  "adduser:adduser"
+  "dpkg-deb:dpkg"
   "/usr/lib/python3/dist-packages/prometheus_client/__init__.py:python3-prometheus-client"
 )
 
