@@ -540,8 +540,9 @@ pub fn template(
     out
 }
 
-/// A value as Go's `%v` prints a float64 in templates (`0.9`, `5`, `1e+21`).
-fn format_value(v: f64) -> String {
+/// A value as Prometheus writes one (Go's spelling: `NaN`, `+Inf`, `-Inf`): in templates, in
+/// `count_values`' label and in the query API's answers.
+pub fn format_value(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {

@@ -17,6 +17,7 @@ use super::AppState;
 use super::admin::{Peer, authorize, error, peer};
 use super::auth::Role;
 use crate::rules::expr::{Evaluator, Query, Value};
+use crate::sample::format_value as number;
 
 /// The route.
 pub fn routes() -> Router<AppState> {
@@ -52,19 +53,6 @@ async fn query_form(
 struct Form {
     query: Option<String>,
     time: Option<String>,
-}
-
-/// A value as Prometheus writes it: a string, with Go's spelling of the special values.
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".to_owned()
-    } else if v == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if v == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        format!("{v}")
-    }
 }
 
 fn labels(l: &crate::sample::Labels) -> JsonValue {

@@ -317,6 +317,10 @@ pub async fn run(
     metrics: SourceMetrics,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
+    // Without a source there is nothing to hand out: no wake-up every second for nothing.
+    if sources.is_empty() {
+        return;
+    }
     let sources: HashMap<String, Arc<Source>> = sources
         .into_iter()
         .map(|s| (s.config.name.clone(), Arc::new(s)))

@@ -247,18 +247,7 @@ fn count_values(
 ) -> Result<Value, String> {
     let mut groups: Vec<(Labels, f64)> = Vec::new();
     let mut index: HashMap<Labels, usize> = HashMap::default();
-    let extra = |v: f64| {
-        let text = if v.is_nan() {
-            "NaN".to_owned()
-        } else if v == f64::INFINITY {
-            "+Inf".to_owned()
-        } else if v == f64::NEG_INFINITY {
-            "-Inf".to_owned()
-        } else {
-            format!("{v}")
-        };
-        Labels::new([(label, text)])
-    };
+    let extra = |v: f64| Labels::new([(label, crate::sample::format_value(v))]);
     for s in input {
         let with = s.labels.retain_with(|_| true, &extra(s.value));
         // The value's label is added to `by` (and is the whole group with no modifier); under
