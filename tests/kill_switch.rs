@@ -106,6 +106,13 @@ async fn the_kill_switch_stops_a_burst_at_once_and_survives_a_restart() {
     })
     .await;
 
+    // A body without `mode` is refused, never read as "back to the configuration's".
+    assert_eq!(
+        put_mode(&app, OPERATE, json!({"reason": "incident"}))
+            .await
+            .0,
+        400
+    );
     // Refused without a reason, and to the read role.
     assert_eq!(
         put_mode(&app, OPERATE, json!({"mode": "observe"})).await.0,

@@ -310,8 +310,17 @@ async fn global_mode(State(state): State<AppState>, headers: HeaderMap, p: Peer)
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GlobalModeBody {
-    mode: Option<crate::settings::config::GlobalMode>,
+    /// `None`: the key was left out (refused: a kill switch must say what it sets);
+    /// `Some(None)`: `null`, back to the configuration's mode.
+    #[serde(default, deserialize_with = "present")]
+    mode: Option<Option<crate::settings::config::GlobalMode>>,
     reason: String,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<crate::settings::config::GlobalMode>>, D::Error> {
+    Option::deserialize(d).map(Some)
 }
 
 /// The kill switch: `PUT /api/v1/mode {"mode": "observe", "reason": "..."}` (`null` returns to
@@ -330,6 +339,12 @@ async fn set_global_mode(
         Ok(Json(b)) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    let Some(mode) = body.mode else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give `mode`: observe, dry_run, enforce, or null for the configuration's",
+        );
+    };
     if body.reason.trim().is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -341,14 +356,14 @@ async fn set_global_mode(
         Err(r) => return r,
     };
     let result = a
-        .set_global_mode(body.mode, &caller.name, body.reason.trim())
+        .set_global_mode(mode, &caller.name, body.reason.trim())
         .await;
     audit_api(
         &state,
         &caller,
         "global_mode",
         None,
-        json!({ "mode": body.mode, "reason": body.reason.trim(), "error": result.as_ref().err() }),
+        json!({ "mode": mode, "reason": body.reason.trim().chars().take(500).collect::<String>(), "error": result.as_ref().err() }),
     )
     .await;
     match result {

@@ -60,6 +60,9 @@ pub(super) struct ModeState {
     /// The mode in force, read before each action without a lock.
     current: AtomicU8,
     set: Mutex<Option<ModeSet>>,
+    /// One `set` at a time, from reading the mode to storing it: a raise waiting for its
+    /// write must never land after a kill switch that came in meanwhile.
+    setting: tokio::sync::Mutex<()>,
     file: Option<StateFile>,
     gauge: GaugeVec,
 }
@@ -97,6 +100,7 @@ impl ModeState {
             configured,
             current: AtomicU8::new(code(current)),
             set: Mutex::new(set),
+            setting: tokio::sync::Mutex::new(()),
             file,
             gauge,
         };
@@ -158,6 +162,7 @@ impl ModeState {
                     .to_owned(),
             );
         };
+        let _one_at_a_time = self.setting.lock().await;
         let reason: String = reason.chars().take(MAX_REASON).collect();
         let set = mode.map(|mode| ModeSet {
             mode,

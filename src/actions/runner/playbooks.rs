@@ -87,7 +87,11 @@ impl Actions {
                 event: Event::Firing,
                 // Each run is its own episode: running a playbook twice runs it twice.
                 episode_ms: now,
-                mode: Some(mode.or(spec.mode).unwrap_or(Mode::Enforce)),
+                // A schedule's mode never raises a part above its own.
+                mode: Some(match (mode, spec.mode) {
+                    (Some(s), Some(p)) => s.min(p),
+                    (s, p) => s.or(p).unwrap_or(Mode::Enforce),
+                }),
                 cooldown: Duration::ZERO,
                 allow_destructive: spec.allow_destructive,
                 actions: spec.steps.clone(),

@@ -40,13 +40,14 @@ struct Fired {
 
 impl Fired {
     fn load(dir: Option<&Path>) -> Fired {
-        let file = dir.map(|d| StateFile::new(d.join("schedules.json")));
+        let mut file = dir.map(|d| StateFile::new(d.join("schedules.json")));
         let last = match file.as_ref().map(StateFile::load::<BTreeMap<String, i64>>) {
             Some(Ok(Some(m))) => m,
             Some(Err(err)) => {
                 // Not knowing what was missed, nothing is caught up: a missed run is never
                 // made up from a guess.
-                tracing::error!(error = %err, "schedules.json unreadable: no missed run is made up at this start");
+                tracing::error!(error = %err, "schedules.json unreadable: no missed run is made up, and it is kept as it is for inspection");
+                file = None;
                 BTreeMap::new()
             }
             _ => BTreeMap::new(),
@@ -61,7 +62,9 @@ impl Fired {
         let mut last = self.last.lock().await;
         last.insert(name.to_owned(), at_ms);
         if let Some(f) = &self.file {
-            let bytes = serde_json::to_vec(&*last).unwrap_or_default();
+            let Ok(bytes) = serde_json::to_vec(&*last) else {
+                return;
+            };
             if let Err(err) = f.write(f.stamp(), bytes).await {
                 tracing::warn!(error = %err, "writing schedules.json failed");
             }
@@ -170,6 +173,24 @@ impl Actions {
                 _ = tokio::time::sleep(wait) => {}
             }
             after = next;
+            // Woken long after the time (a paused machine, the clock stepped forward): the
+            // times passed meanwhile are missed, not run in a burst one after another.
+            let late = now_ms() - next;
+            if late > 60_000 {
+                self.schedule_note(
+                    &name,
+                    "skipped_missed",
+                    format!(
+                        "the run due at {} came {}s late (the machine paused or the clock jumped); the next is run on time",
+                        rfc3339(next),
+                        late / 1000
+                    ),
+                )
+                .await;
+                after = now_ms();
+                fired.set(&name, after).await;
+                continue;
+            }
             if running.load(Ordering::SeqCst) {
                 self.schedule_note(
                     &name,
